@@ -1,0 +1,24 @@
+"""qcompile: a graph-rewriting compiler from PyTorch models to low-bit integer models.
+
+The public API (see DESIGN.md): ``trace`` a model into the fx IR, run a pipeline of registered
+passes with ``PassManager``, and add passes of your own with ``register_pass``.
+"""
+
+from qcompile.errors import QcompileError, TraceError
+from qcompile.ir import to_networkx, trace
+from qcompile.pipeline import PassContext, PassManager, register_pass, register_preset
+
+import qcompile.passes  # noqa: E402,F401  (registers the built-in passes)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PassContext",
+    "PassManager",
+    "QcompileError",
+    "TraceError",
+    "register_pass",
+    "register_preset",
+    "to_networkx",
+    "trace",
+]

@@ -1,0 +1,194 @@
+"""What every quantizer shares: the straight-through rounding, the integer meaning, the base class.
+
+A quantizer is a small ``nn.Module``. Its forward is the *simulated* value: a float tensor that
+takes at most ``2**bits`` distinct values per channel, differentiable through a straight-through
+or smooth estimator. Its :meth:`Quantizer.integer_spec` states the *integer meaning* of that
+forward: which integer codes it emits and how a float maps to them, which is what the integer
+lowering and the backends compile.
+
+The contract a quantizer keeps, checked by the property tests for every method and bit-width:
+in hard mode, ``q(x) == spec.dequantize(spec.quantize(x))`` exactly, element for element, where
+``spec = q.integer_spec()``. To make that hold bit for bit, a quantizer's hard forward computes the
+same float expressions as :class:`IntegerSpec` (``x / scale``, round half to even, clamp, then
+``(code - zero_point) * scale``), or is itself written as a threshold lookup.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qcompile.errors import ConfigError
+
+
+class RoundSTE(torch.autograd.Function):
+    """Round to nearest (half to even) forward; pass the gradient through unchanged backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``torch.round`` with a straight-through gradient (the estimator every method shares)."""
+    return RoundSTE.apply(x)
+
+
+class ReplaceGradient(torch.autograd.Function):
+    """Forward returns ``value`` exactly; backward sends the gradient to ``surrogate`` instead.
+
+    ``x + (value - x).detach()`` is the usual trick, but it is not exact in floating point; this
+    keeps the forward bit-exact with the integer meaning while training through ``surrogate``.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad
+
+
+def replace_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    return ReplaceGradient.apply(value, surrogate)
+
+
+@dataclass(frozen=True, eq=False)
+class IntegerSpec:
+    """The integer meaning of a quantizer in hard mode.
+
+    ``codes`` are the integer levels emitted (1-D, ascending, at most ``2**bits``). A float ``x``
+    maps to a code either by the affine rule ``clamp(round(x / scale) + zero_point)`` (when
+    ``thresholds`` is None; ``codes`` must then be a contiguous range) or by thresholds:
+    ``codes[k]`` where ``k`` counts the thresholds ``t`` with ``x >= t`` (``thresholds`` holds
+    ``len(codes) - 1`` non-decreasing values, per channel when 2-D). A code's float value is
+    ``(code - zero_point) * scale``, unless ``values`` lists a (non-uniform) value per code.
+    ``scale``, ``zero_point``, ``thresholds`` and ``values`` are per channel along ``axis`` of the
+    quantized tensor when their first dimension is the channel count, else per tensor.
+    """
+
+    bits: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    axis: int | None = None
+    thresholds: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.codes.min() < 0)
+
+    @property
+    def qmin(self) -> int:
+        return int(self.codes.min())
+
+    @property
+    def qmax(self) -> int:
+        return int(self.codes.max())
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer code of every element of ``x`` (int64)."""
+        x = x.detach()
+        if self.thresholds is None:
+            scale = self._along_axis(self.scale, x)
+            zero_point = self._along_axis(self.zero_point, x)
+            q = torch.round(x / scale) + zero_point
+            return torch.clamp(q, self.qmin, self.qmax).to(torch.int64)
+        thresholds = self._thresholds_for(x)
+        index = (x.unsqueeze(-1) >= thresholds).sum(dim=-1)
+        return self.codes.to(x.device)[index]
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        """The float value of every integer code in ``q``."""
+        if self.values is None:
+            scale = self._along_axis(self.scale, q)
+            zero_point = self._along_axis(self.zero_point, q)
+            return (q.to(scale.dtype) - zero_point) * scale
+        index = torch.searchsorted(self.codes.to(q.device), q.contiguous())
+        if self.values.dim() == 1:
+            return self.values[index]
+        table = self._channels_last(self.values, q)
+        return torch.gather(table.expand(*q.shape, table.shape[-1]), -1, index.unsqueeze(-1))[..., 0]
+
+    def _along_axis(self, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if param.dim() == 0 or param.numel() == 1 or self.axis is None:
+            return param.reshape(()) if param.numel() == 1 else param
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        return param.reshape(shape)
+
+    def _thresholds_for(self, x: torch.Tensor) -> torch.Tensor:
+        if self.thresholds.dim() == 1:
+            return self.thresholds
+        return self._channels_last(self.thresholds, x)
+
+    def _channels_last(self, table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Reshape a (C, n) table so it broadcasts against ``x.unsqueeze(-1)`` along ``axis``."""
+        shape = [1] * (x.dim() + 1)
+        shape[self.axis] = table.shape[0]
+        shape[-1] = table.shape[1]
+        return table.reshape(shape)
+
+
+class Quantizer(nn.Module):
+    """Base of every quantizer: its settings, an on/off switch, and the two faces of its meaning.
+
+    ``bits`` 1-8; ``signed`` for weights (and signed activations where a method allows);
+    ``per_channel`` with ``channels`` learnable parameters along ``channel_axis`` of the input.
+    Subclasses implement :meth:`fake_quantize` (the simulated forward), :meth:`integer_spec` and
+    :meth:`initialize` (set the parameters from a float tensor: the weight, or calibration
+    activations). ``enabled = False`` makes the quantizer the identity (stochastic precision).
+    """
+
+    method: str = ""
+
+    def __init__(
+        self,
+        bits: int,
+        *,
+        signed: bool,
+        per_channel: bool = False,
+        channels: int = 1,
+        channel_axis: int = 0,
+    ):
+        super().__init__()
+        if not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ConfigError(f"{type(self).__name__}: bits must be an integer 1-8, got {bits!r}")
+        if per_channel and channels < 1:
+            raise ConfigError(f"{type(self).__name__}: per_channel needs channels >= 1")
+        self.bits = bits
+        self.signed = signed
+        self.per_channel = per_channel
+        self.channels = channels if per_channel else 1
+        self.channel_axis = channel_axis
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fake_quantize(x) if self.enabled else x
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def integer_spec(self) -> IntegerSpec:
+        raise NotImplementedError
+
+    def initialize(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def param_shape(self, x: torch.Tensor) -> list[int]:
+        """Shape that broadcasts a per-channel parameter against ``x`` along ``channel_axis``."""
+        shape = [1] * x.dim()
+        if self.per_channel:
+            shape[self.channel_axis] = self.channels
+        return shape
+
+    def extra_repr(self) -> str:
+        kind = "per-channel" if self.per_channel else "per-tensor"
+        sign = "signed" if self.signed else "unsigned"
+        return f"bits={self.bits}, {sign}, {kind}"
