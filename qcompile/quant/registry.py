@@ -1,0 +1,55 @@
+"""The quantization methods by name: each is a weight quantizer and an activation quantizer."""
+
+from dataclasses import dataclass
+
+from qcompile.errors import ConfigError
+from qcompile.quant.base import Quantizer
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    """A method users name (``--method qil``): its two quantizer classes and its paper."""
+
+    name: str
+    weight: type[Quantizer]
+    activation: type[Quantizer]
+    paper: str
+
+
+_methods: dict[str, QuantMethod] = {}
+
+
+def register_method(name: str, weight: type[Quantizer], activation: type[Quantizer], paper: str):
+    weight.method = activation.method = name
+    _methods[name] = QuantMethod(name, weight, activation, paper)
+
+
+def available_methods() -> list[str]:
+    return sorted(_methods)
+
+
+def get_method(name: str) -> QuantMethod:
+    try:
+        return _methods[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown quantization method {name!r}; choose one of {', '.join(available_methods())}"
+        ) from None
+
+
+def make_quantizer(
+    method: str,
+    role: str,
+    bits: int,
+    *,
+    signed: bool,
+    per_channel: bool = False,
+    channels: int = 1,
+    channel_axis: int = 0,
+) -> Quantizer:
+    """A new quantizer of ``method`` for ``role`` ("weight" or "activation")."""
+    if role not in ("weight", "activation"):
+        raise ConfigError(f"quantizer role must be 'weight' or 'activation', got {role!r}")
+    cls = getattr(get_method(method), role)
+    return cls(bits, signed=signed, per_channel=per_channel, channels=channels,
+               channel_axis=channel_axis)
