@@ -5,7 +5,7 @@ Installed as ``qcompile.passes``. Each module registers its pass with
 """
 
 from qcompile.pipeline import register_preset
-from qcompile.passes import canonicalize, fold_bn  # noqa: F401
+from qcompile.passes import assign_bits, canonicalize, fold_bn  # noqa: F401
 
 register_preset("default", ["canonicalize", "fold-bn"])
 register_preset("qat", ["canonicalize", "fold-bn{mode=qat}"])
