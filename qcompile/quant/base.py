@@ -58,6 +58,21 @@ def replace_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tens
     return ReplaceGradient.apply(value, surrogate)
 
 
+def threshold_index(x: torch.Tensor, thresholds: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """How many of the non-decreasing ``thresholds`` each element of ``x`` reaches (``x >= t``).
+
+    ``thresholds`` is 1-D (per tensor) or (C, n), one row per channel along ``axis`` of ``x``.
+    A binary search, so an 8-bit staircase costs no 255-fold temporary.
+    """
+    dtype = torch.promote_types(x.dtype, thresholds.dtype)
+    x, thresholds = x.to(dtype), thresholds.to(device=x.device, dtype=dtype)
+    if thresholds.dim() == 1 or thresholds.shape[0] == 1:
+        return torch.searchsorted(thresholds.reshape(-1), x.contiguous(), right=True)
+    rows = x.movedim(axis, 0).reshape(thresholds.shape[0], -1)
+    index = torch.searchsorted(thresholds.contiguous(), rows.contiguous(), right=True)
+    return index.reshape(x.movedim(axis, 0).shape).movedim(0, axis)
+
+
 @dataclass(frozen=True, eq=False)
 class IntegerSpec:
     """The integer meaning of a quantizer in hard mode.
@@ -80,6 +95,13 @@ class IntegerSpec:
     thresholds: torch.Tensor | None = None
     values: torch.Tensor | None = None
 
+    def __post_init__(self):
+        if self.thresholds is not None:
+            if self.thresholds.shape[-1] != len(self.codes) - 1:
+                raise ValueError("IntegerSpec needs len(codes) - 1 thresholds per channel")
+            if bool((self.thresholds[..., 1:] < self.thresholds[..., :-1]).any()):
+                raise ValueError("IntegerSpec thresholds must be non-decreasing")
+
     @property
     def signed(self) -> bool:
         return bool(self.codes.min() < 0)
@@ -100,9 +122,8 @@ class IntegerSpec:
             zero_point = self._along_axis(self.zero_point, x)
             q = torch.round(x / scale) + zero_point
             return torch.clamp(q, self.qmin, self.qmax).to(torch.int64)
-        thresholds = self._thresholds_for(x)
-        index = (x.unsqueeze(-1) >= thresholds).sum(dim=-1)
-        return self.codes.to(x.device)[index]
+        index = threshold_index(x, self.thresholds, self.axis)
+        return self.codes.to(device=x.device, dtype=torch.int64)[index]
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         """The float value of every integer code in ``q``."""
@@ -111,27 +132,23 @@ class IntegerSpec:
             zero_point = self._along_axis(self.zero_point, q)
             return (q.to(scale.dtype) - zero_point) * scale
         index = torch.searchsorted(self.codes.to(q.device), q.contiguous())
-        if self.values.dim() == 1:
-            return self.values[index]
+        if self.values.dim() == 1 or self.values.shape[0] == 1:
+            return self.values.reshape(-1)[index]
         table = self._channels_last(self.values, q)
-        return torch.gather(table.expand(*q.shape, table.shape[-1]), -1, index.unsqueeze(-1))[..., 0]
+        table = table.expand(*q.shape, table.shape[-1])
+        return torch.gather(table, -1, index.unsqueeze(-1))[..., 0]
 
     def _along_axis(self, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if param.dim() == 0 or param.numel() == 1 or self.axis is None:
             return param.reshape(()) if param.numel() == 1 else param
         shape = [1] * x.dim()
-        shape[self.axis] = -1
+        shape[self.axis % x.dim()] = -1
         return param.reshape(shape)
-
-    def _thresholds_for(self, x: torch.Tensor) -> torch.Tensor:
-        if self.thresholds.dim() == 1:
-            return self.thresholds
-        return self._channels_last(self.thresholds, x)
 
     def _channels_last(self, table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Reshape a (C, n) table so it broadcasts against ``x.unsqueeze(-1)`` along ``axis``."""
         shape = [1] * (x.dim() + 1)
-        shape[self.axis] = table.shape[0]
+        shape[self.axis % x.dim()] = table.shape[0]
         shape[-1] = table.shape[1]
         return table.reshape(shape)
 
@@ -144,9 +161,22 @@ class Quantizer(nn.Module):
     Subclasses implement :meth:`fake_quantize` (the simulated forward), :meth:`integer_spec` and
     :meth:`initialize` (set the parameters from a float tensor: the weight, or calibration
     activations). ``enabled = False`` makes the quantizer the identity (stochastic precision).
+
+    Two small protocols the property tests and the integer lowering rely on:
+
+    - ``hard`` / :meth:`set_hard`: a method with a smooth training forward (a temperature, a soft
+      staircase) honours ``self.hard`` in :meth:`fake_quantize` and is exactly described by
+      :meth:`integer_spec` only when it is True; a method without a soft mode ignores it (its
+      forward is always hard).
+    - ``projection``: True when the hard forward's levels lie in the input's own domain, so the
+      quantizer is a projection and ``q(q(x)) == q(x)``. A method that first maps the input
+      through a transform with another range (DoReFa's ``tanh`` weight normalization, QIL's
+      transformer) sets it False; re-quantizing its output is then only required to stay exactly
+      described by its integer meaning.
     """
 
     method: str = ""
+    projection: bool = True
 
     def __init__(
         self,
@@ -168,6 +198,12 @@ class Quantizer(nn.Module):
         self.channels = channels if per_channel else 1
         self.channel_axis = channel_axis
         self.enabled = True
+        self.hard = False
+
+    def set_hard(self, hard: bool = True) -> "Quantizer":
+        """Select the hard forward (the one :meth:`integer_spec` describes exactly) or soft."""
+        self.hard = hard
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fake_quantize(x) if self.enabled else x
@@ -180,6 +216,17 @@ class Quantizer(nn.Module):
 
     def initialize(self, x: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def channel_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as a (channels, -1) matrix, one row per channel (a single row when per tensor)."""
+        if not self.per_channel:
+            return x.reshape(1, -1)
+        if x.dim() == 0 or x.shape[self.channel_axis] != self.channels:
+            raise ConfigError(
+                f"{type(self).__name__}: expected {self.channels} channels along axis "
+                f"{self.channel_axis}, got a tensor of shape {tuple(x.shape)}"
+            )
+        return x.movedim(self.channel_axis, 0).reshape(self.channels, -1)
 
     def param_shape(self, x: torch.Tensor) -> list[int]:
         """Shape that broadcasts a per-channel parameter against ``x`` along ``channel_axis``."""
