@@ -1,9 +1,11 @@
 """qcompile: a graph-rewriting compiler from PyTorch models to low-bit integer models.
 
 The public API (see DESIGN.md): ``trace`` a model into the fx IR, run a pipeline of registered
-passes with ``PassManager``, and add passes of your own with ``register_pass``.
+passes with ``PassManager``, add passes of your own with ``register_pass``, and ``quantize`` a
+model into a trainable low-bit graph in one call.
 """
 
+from qcompile.api import quantize
 from qcompile.errors import QcompileError, TraceError
 from qcompile.ir import to_networkx, trace
 from qcompile.pipeline import PassContext, PassManager, register_pass, register_preset
@@ -17,6 +19,7 @@ __all__ = [
     "PassManager",
     "QcompileError",
     "TraceError",
+    "quantize",
     "register_pass",
     "register_preset",
     "to_networkx",

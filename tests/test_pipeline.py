@@ -72,7 +72,7 @@ def test_spec_string_options_reach_the_pass():
 
 
 def test_parse_pipeline_expands_presets_and_types_values():
-    steps = parse_pipeline("default, test-negate-output{a=1,b=2.5,c=true,d=qil}")
+    steps = parse_pipeline("float, test-negate-output{a=1,b=2.5,c=true,d=qil}")
     assert [s.name for s in steps] == ["canonicalize", "fold-bn", "test-negate-output"]
     assert steps[-1].options == {"a": 1, "b": 2.5, "c": True, "d": "qil"}
     assert parse_pipeline([PassSpec("canonicalize"), "fold-bn{mode=qat}"])[1].options == {

@@ -9,6 +9,8 @@ import torch
 
 SAMPLE_LIMIT = 8192
 SEARCH_POINTS = 64
+ACTIVATION_PEAK = 0.999
+"""Quantile of activation magnitudes up to which clip levels are searched (see best_steps)."""
 
 
 def sample_columns(rows: torch.Tensor, limit: int = SAMPLE_LIMIT) -> torch.Tensor:
@@ -41,11 +43,16 @@ def kmeans_1d(rows: torch.Tensor, k: int, iterations: int = 30) -> torch.Tensor:
 
 
 def candidate_steps(peak: torch.Tensor, top_code: int, points: int = SEARCH_POINTS) -> torch.Tensor:
-    """Rounding steps (points, C) whose top code ``top_code`` lands on a fraction of ``peak``.
+    """Rounding steps (2 * points, C) whose top code ``top_code`` lands on a fraction of ``peak``.
 
-    The fractions run evenly from ``1 / points`` to 1 of each row's peak magnitude.
+    The fractions run evenly from ``1 / points`` to 1 of each row's peak magnitude, and
+    geometrically from ``2^-16`` to ``1 / points``, so a lone outlier that sets the peak does not
+    hide the small clip the rest of the data wants.
     """
-    fractions = torch.arange(1, points + 1, dtype=peak.dtype) / points
+    linear = torch.arange(1, points + 1, dtype=peak.dtype) / points
+    geometric = torch.logspace(-16, -torch.log2(torch.tensor(float(points))).item(), points,
+                               base=2.0, dtype=peak.dtype)[:-1]
+    fractions = torch.cat([geometric, linear])
     tiny = torch.finfo(peak.dtype).tiny
     return fractions[:, None] * peak.clamp_min(tiny)[None, :] / max(top_code, 1)
 
@@ -63,9 +70,22 @@ def rounding_errors(rows: torch.Tensor, steps: torch.Tensor, qmin: int, qmax: in
     return torch.stack(errors)
 
 
-def best_steps(rows: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """The step (C,) of least squared rounding error for each row, from :func:`candidate_steps`."""
+def best_steps(rows: torch.Tensor, qmin: int, qmax: int, peak_quantile: float = 1.0) -> torch.Tensor:
+    """The step (C,) of least squared rounding error for each row, from :func:`candidate_steps`.
+
+    The candidates reach up to each row's peak magnitude, or with ``peak_quantile < 1`` up to that
+    quantile of the magnitudes, values beyond it counted as at it: for activations, whose rare
+    extremes would otherwise pull a squared-error fit to a clip that leaves everything else in one
+    level. Ties go to the larger step (all-zero data keeps the whole range).
+    """
+    largest = rows.abs().amax(dim=1)
     rows = sample_columns(rows)
-    steps = candidate_steps(rows.abs().amax(dim=1), max(qmax, -qmin))
-    errors = rounding_errors(rows, steps, qmin, qmax)
-    return steps.gather(0, errors.argmin(dim=0, keepdim=True))[0]
+    if peak_quantile < 1.0:
+        peak = torch.quantile(rows.abs().to(torch.float64), peak_quantile, dim=1).to(rows.dtype)
+        peak = torch.where(peak > 0, peak, largest)
+        rows = torch.maximum(torch.minimum(rows, peak[:, None]), -peak[:, None])
+    else:
+        peak = largest
+    steps = candidate_steps(peak, max(qmax, -qmin))
+    errors = rounding_errors(rows, steps, qmin, qmax).flip(0)
+    return steps.flip(0).gather(0, errors.argmin(dim=0, keepdim=True))[0]

@@ -15,10 +15,10 @@ Signed activations (an extension): clip to ``[-alpha, alpha]`` on the symmetric 
 more.
 
 Initialization: the paper starts every ``alpha`` at 10 and lets training (with the L2 penalty) pull
-it in. With calibration activations at hand we start from their 99.9th percentile instead (of
-the positive part, or of the magnitude when signed): close to the range the data occupies, so no
-epoch is spent shrinking ``alpha``, yet rare outliers do not stretch the grid and waste its few
-levels.
+it in. With calibration activations at hand we start from the clip of least squared quantization
+error on them instead (a search over clip levels, :func:`qcompile.quant.fit.best_steps`): at 2
+bits a loose clip such as a high percentile leaves nearly every activation in the lowest level,
+and a deep network's signal dies within a few layers; the least-squares clip keeps it.
 
 Weights: PACT quantizes weights with DoReFa's scheme (Sec. 3), so its weight quantizer is DoReFa's.
 """
@@ -28,11 +28,10 @@ import torch
 from qcompile.errors import ConfigError
 from qcompile.quant.base import IntegerSpec, Quantizer, replace_gradient
 from qcompile.quant.dorefa import DoReFaWeightQuantizer
+from qcompile.quant.fit import ACTIVATION_PEAK, best_steps
 from qcompile.quant.registry import register_method
 
 MIN_ALPHA = 1e-8
-INIT_QUANTILE = 0.999
-MAX_QUANTILE_SAMPLES = 1 << 20
 
 
 class PACTActivationQuantizer(Quantizer):
@@ -82,15 +81,12 @@ class PACTActivationQuantizer(Quantizer):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """``alpha`` = the 99.9th percentile of the calibration activations (see the module doc)."""
+        """``alpha`` = the clip of least squared error on the calibration activations."""
         rows = self.channel_rows(x.detach().to(self.alpha.dtype))
-        rows = rows.abs() if self.signed else torch.relu(rows)
-        if rows.shape[1] > MAX_QUANTILE_SAMPLES:
-            stride = -(-rows.shape[1] // MAX_QUANTILE_SAMPLES)
-            rows = rows[:, ::stride]
-        alpha = torch.quantile(rows, INIT_QUANTILE, dim=1)
-        alpha = torch.where(alpha > 0, alpha, rows.amax(dim=1))
-        self.alpha.copy_(torch.where(alpha > 0, alpha, torch.ones_like(alpha)))
+        rows = rows if self.signed else torch.relu(rows)
+        low = -self.levels if self.signed else 0
+        alpha = best_steps(rows, low, self.levels, ACTIVATION_PEAK) * self.levels
+        self.alpha.copy_(torch.where(alpha > MIN_ALPHA, alpha, torch.ones_like(alpha)))
 
 
 class PACTWeightQuantizer(DoReFaWeightQuantizer):

@@ -1,0 +1,159 @@
+"""insert-quantizers: give every quantizable layer a weight quantizer and a quantized input.
+
+Matches each call of a Conv1d/Conv2d (depthwise included) or Linear, plain or fused with its
+batch norm by ``fold-bn{mode=qat}``. A plain layer becomes a :class:`QuantizedLayer` holding a
+weight quantizer; a fused conv-BN gets its ``weight_quantizer`` set, so the folded weight is what
+is quantized. Each layer's input gets an activation quantizer node, shared by every layer that
+reads the same tensor at the same bit-width. Bits come from ``node.meta["quant"]`` as written by
+``assign-bits`` (else the uniform policy: ``bits``, first and last layer ``first_last_bits``);
+``method`` and ``per_channel`` come from the pipeline configuration.
+
+Initialisation follows each method's paper through its quantizer's ``initialize``: weight
+quantizers from the float weights, activation quantizers from the activations that calibration
+batches (``calib_data``, else the example inputs) produce in the float model. An input that is
+negative anywhere in calibration gets a signed quantizer; a method without signed activations
+falls back to LSQ for that input, and the pass record says so.
+"""
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qcompile.errors import ConfigError
+from qcompile.fused import ConvBatchNorm
+from qcompile.pipeline import PassContext, register_pass
+from qcompile.quant.layers import LayerSite, float_weight, quantizable_layers
+from qcompile.quant.quantized_layer import QuantizedLayer
+from qcompile.quant.registry import get_method, make_quantizer
+
+CONTAINER = "input_quantizers"
+
+
+@register_pass("insert-quantizers")
+def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    method = get_method(ctx.option("method", "lsq")).name
+    per_channel = bool(ctx.option("per_channel", True))
+    sites = quantizable_layers(gm)
+    if not sites:
+        ctx.note("no quantizable layers")
+        return gm
+    _default_bits(sites, ctx)
+    for site in sites:
+        _quantize_weight(gm, site, method, per_channel)
+    inputs = _insert_input_nodes(gm, sites)
+    gm.recompile()
+    _calibrate_inputs(gm, inputs, method, ctx)
+    gm.graph.lint()
+    gm.recompile()
+    ctx.note(f"{method}: {len(sites)} layers, {len(inputs)} input quantizers")
+    return gm
+
+
+def _default_bits(sites: list[LayerSite], ctx: PassContext) -> None:
+    if all("weight_bits" in s.node.meta.get("quant", {}) for s in sites):
+        return
+    bits, edge = ctx.option("bits", 2), ctx.option("first_last_bits", 8) or ctx.option("bits", 2)
+    for index, site in enumerate(sites):
+        width = edge if index in (0, len(sites) - 1) else bits
+        site.node.meta["quant"] = dict(site.node.meta.get("quant", {}),
+                                       weight_bits=width, act_bits=width)
+
+
+def _quantize_weight(gm: fx.GraphModule, site: LayerSite, method: str, per_channel: bool) -> None:
+    meta = site.node.meta["quant"]
+    weight = float_weight(site.module)
+    quantizer = make_quantizer(method, "weight", meta["weight_bits"], signed=True,
+                               per_channel=per_channel, channels=weight.shape[0], channel_axis=0)
+    with torch.no_grad():
+        quantizer.initialize(weight.detach())
+    if isinstance(site.module, ConvBatchNorm):
+        site.module.weight_quantizer = quantizer
+    else:
+        _set_submodule(gm, site.name, QuantizedLayer(site.module, quantizer))
+    meta.update(method=method, per_channel=per_channel)
+
+
+def _insert_input_nodes(gm: fx.GraphModule, sites: list[LayerSite]) -> dict[str, fx.Node]:
+    """One quantizer node per (input tensor, bit-width); returns them by submodule name."""
+    gm.add_module(CONTAINER, nn.Module())
+    made: dict[tuple[fx.Node, int], fx.Node] = {}
+    for site in sites:
+        source, bits = site.node.args[0], site.node.meta["quant"]["act_bits"]
+        if (source, bits) not in made:
+            name = f"{site.name.replace('.', '_')}_input"
+            gm.get_submodule(CONTAINER).add_module(name, nn.Identity())
+            with gm.graph.inserting_after(source):
+                made[(source, bits)] = gm.graph.call_module(f"{CONTAINER}.{name}", (source,))
+            made[(source, bits)].meta["quant_input"] = {"bits": bits, "layers": []}
+        node = made[(source, bits)]
+        node.meta["quant_input"]["layers"].append(site.name)
+        site.node.replace_input_with(source, node)
+    return {node.target: node for node in made.values()}
+
+
+def _calibrate_inputs(gm, inputs: dict[str, fx.Node], method: str, ctx: PassContext) -> None:
+    batches = calibration_batches(ctx)
+    seen = _record_inputs(gm, list(inputs), batches)
+    for name, node in inputs.items():
+        sample = torch.cat(seen[name])
+        signed = bool(sample.min() < 0)
+        bits = node.meta["quant_input"]["bits"]
+        channels = sample.shape[1] if sample.dim() > 1 else 1
+        quantizer = _activation_quantizer(method, bits, signed, channels, ctx, name)
+        with torch.no_grad():
+            quantizer.initialize(sample)
+        _set_submodule(gm, name, quantizer)
+        node.meta["quant_input"].update(method=quantizer.method, signed=signed)
+
+
+def _activation_quantizer(method, bits, signed, channels, ctx, name):
+    try:
+        return make_quantizer(method, "activation", bits, signed=signed, channels=channels,
+                              channel_axis=1)
+    except ConfigError:
+        ctx.note(f"{name}: {method} has no signed activations; LSQ quantizes this input")
+        return make_quantizer("lsq", "activation", bits, signed=signed, channels=channels,
+                              channel_axis=1)
+
+
+def calibration_batches(ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
+    """Up to ``calib_examples`` examples (64 by default) from ``calib_data``, else the example
+    inputs; each batch a tuple of model inputs."""
+    limit = int(ctx.option("calib_examples", 64))
+    batches, count = [], 0
+    for batch in ctx.option("calib_data") or []:
+        batch = batch if isinstance(batch, (tuple, list)) else (batch,)
+        batches.append(tuple(batch))
+        count += len(batch[0])
+        if count >= limit:
+            break
+    if batches:
+        return batches
+    if ctx.example_inputs is None:
+        raise ConfigError("insert-quantizers needs calibration data (calib_data) or example inputs")
+    ctx.note("no calibration data: activation ranges come from the example inputs")
+    return [ctx.example_inputs]
+
+
+@torch.no_grad()
+def _record_inputs(gm, names: list[str], batches) -> dict[str, list[torch.Tensor]]:
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    hooks = [gm.get_submodule(name).register_forward_hook(
+        lambda module, args, out, name=name: seen[name].append(args[0].detach().clone()))
+        for name in names]
+    modes = {n: m.training for n, m in gm.named_modules()}
+    gm.eval()
+    try:
+        for batch in batches:
+            gm(*batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for n, m in gm.named_modules():
+            m.training = modes.get(n, m.training)
+    return seen
+
+
+def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)

@@ -1,0 +1,50 @@
+"""The one-call entry points of the public API."""
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qcompile.errors import ConfigError
+from qcompile.ir import trace
+from qcompile.pipeline import PassContext, PassManager, PassSpec
+
+
+def quantize(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    bits: int = 2,
+    method: str = "qil",
+    calib_data: Iterable | None = None,
+    first_last_bits: int = 8,
+    per_channel: bool = True,
+    passes: str | Sequence[str | PassSpec] | None = None,
+    budget: dict | None = None,
+    leaf_modules: Iterable = (),
+    ctx: PassContext | None = None,
+) -> fx.GraphModule:
+    """Trace ``model`` and rewrite it into a trainable quantized graph (still float).
+
+    Runs ``passes`` (default: the ``default`` preset: canonicalize, fold-bn in QAT mode,
+    assign-bits, insert-quantizers). ``budget`` switches assign-bits to its sensitivity policy:
+    ``{"size": 0.1}`` (fraction of fp32 weight bytes) or ``{"bops": 0.02}``, with optional
+    ``"bits_choices": "2,3,4,8"``. ``calib_data`` is an iterable of input tuples (or tensors).
+    """
+    config = dict(bits=bits, method=method, first_last_bits=first_last_bits,
+                  per_channel=per_channel)
+    if calib_data is not None:
+        config["calib_data"] = list(calib_data)
+    config.update(_budget_options(budget))
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+    return PassManager(passes or "default").run(gm, example_inputs, ctx=ctx, **config)
+
+
+def _budget_options(budget: dict | None) -> dict:
+    if not budget:
+        return {}
+    known = {"size": "budget_size", "bops": "budget_bops", "bits_choices": "bits_choices"}
+    unknown = set(budget) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown budget keys {sorted(unknown)}; use size, bops, bits_choices")
+    return {known[key]: value for key, value in budget.items()}

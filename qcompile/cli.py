@@ -1,0 +1,196 @@
+"""The ``qcompile`` command line.
+
+``qcompile MODEL [options]`` loads a model file, traces it, runs a pipeline of passes, prints the
+pass log and a per-layer table, and with ``--out`` writes the rewritten graph as a Python
+folder (``torch.fx.GraphModule.to_folder``). Further commands (``qcompile run model.qc``,
+``qcompile inspect model.qc``) join :data:`SUBCOMMANDS`; a first argument that is not one of
+their names is the model of the compile command.
+
+Any error a user can cause is one line on stderr (``qcompile: error: ...``) and exit code 2;
+Ctrl-C exits 130; anything else is reported as an internal error, exit 1, and
+``QCOMPILE_TRACEBACK=1`` shows its traceback.
+"""
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from qcompile.errors import ConfigError, QcompileError, TraceError
+from qcompile.graph_folder import OUTPUT_CLASS, write_graph_folder
+from qcompile.ir import trace
+from qcompile.loading import load_model
+from qcompile.pipeline import PassContext, PassManager
+from qcompile.report import format_table, layer_report
+from qcompile.user_code import load_plugin, resolve_leaf
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_INTERNAL_ERROR = 1
+INPUT_SEED = 0
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
+"""Subcommand name -> handler taking the remaining arguments and returning the exit code."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = compile_command
+    if argv and argv[0] in SUBCOMMANDS:
+        command, argv = SUBCOMMANDS[argv[0]], argv[1:]
+    try:
+        return command(argv)
+    except QcompileError as error:
+        return _fail(str(error), EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INTERNAL_ERROR
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 0
+    except Exception as error:
+        return _fail(
+            f"internal error: {type(error).__name__}: {error} "
+            "(set QCOMPILE_TRACEBACK=1 to see the traceback)",
+            EXIT_INTERNAL_ERROR,
+        )
+
+
+def _fail(message: str, code: int) -> int:
+    if _traceback_requested():
+        traceback.print_exc()
+    print(f"qcompile: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one-line ConfigErrors, not usage dumps."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def _bits(text: str) -> int:
+    try:
+        bits = int(text)
+    except ValueError:
+        bits = 0
+    if not 1 <= bits <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be an integer from 1 to 8, got {text!r}")
+    return bits
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive sizes such as 1,3,224,224, got {text!r}"
+        )
+    return shape
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="qcompile",
+        description="Trace a PyTorch model, run a pipeline of rewrite passes, report its layers.",
+    )
+    parser.add_argument("model", help="state dict (.pt, with --arch), torch.export program "
+                        "(.pt2) or pickled module (with --trust-pickle)")
+    parser.add_argument("--arch", help="architecture of a state dict: torchvision:<name> or "
+                        "package.module:ClassName")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="load a whole pickled module (unpickling runs code from the file)")
+    parser.add_argument("--bits", type=_bits, default=2, help="bit-width, 1 to 8 (default 2)")
+    parser.add_argument("--passes", default="default",
+                        help="pipeline spec, e.g. 'canonicalize,fold-bn{mode=qat}' "
+                        "(default: the preset 'default')")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import a module (dotted name or .py path) that registers passes")
+    parser.add_argument("--leaf", action="append", default=[], metavar="TYPE_OR_PATH",
+                        help="keep a module type or module path whole when tracing")
+    parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                        help="shape of the example input (default: what the model file says)")
+    parser.add_argument("--out", type=Path, help="write the rewritten graph to this folder")
+    parser.add_argument("--print-after", action="append", default=[], metavar="PASS",
+                        help="print the graph after this pass ('all' for every pass)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    return parser
+
+
+def compile_command(argv: list[str]) -> int:
+    """``qcompile MODEL ...``: load, trace, run the passes, report, optionally write."""
+    args = _compile_parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    manager = PassManager(args.passes, print_after=args.print_after)
+    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+    shape = args.input_shape or loaded.example_input_shape
+    if shape is None:
+        raise ConfigError(f"the input shape of {loaded.description} is not known; pass "
+                          "--input-shape, e.g. --input-shape 1,3,224,224")
+    example = (torch.randn(shape, generator=torch.Generator().manual_seed(INPUT_SEED)),)
+    leaves = [resolve_leaf(loaded.module, name) for name in args.leaf]
+    print(f"model: {loaded.description}, input {'x'.join(map(str, shape))}")
+    ctx = PassContext(example)
+    with _stderr_shown_on_success():
+        gm = _trace(loaded.module, example, leaves, shape)
+        result = manager.run(gm, example, ctx=ctx, bits=args.bits)
+    print("passes:")
+    for record in ctx.records:
+        print(f"  {record.summary()}")
+    print(format_table(layer_report(result)))
+    if args.out is not None:
+        write_graph_folder(result, args.out, example)
+        print(f"wrote {args.out} (from {args.out.name} import {OUTPUT_CLASS}; call .eval())")
+    return 0
+
+
+def _trace(model, example, leaves, shape) -> fx.GraphModule:
+    try:
+        return trace(model, example, leaf_modules=leaves)
+    except TraceError:
+        raise
+    except Exception as error:
+        cause = error.__cause__ or error
+        raise ConfigError(
+            f"the model does not run on an input of shape {'x'.join(map(str, shape))}: "
+            f"{type(cause).__name__}: {cause}; check --input-shape"
+        ) from error
+
+
+@contextlib.contextmanager
+def _stderr_shown_on_success():
+    """Hold what a step writes to stderr (torch prints tracebacks of failures it re-raises):
+    a failure is reported as one line instead, unless QCOMPILE_TRACEBACK=1."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        if _traceback_requested():
+            sys.stderr.write(held.getvalue())
+        raise
+    sys.stderr.write(held.getvalue())
+
+
+def _traceback_requested() -> bool:
+    return os.environ.get("QCOMPILE_TRACEBACK") == "1"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

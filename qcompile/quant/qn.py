@@ -1,0 +1,154 @@
+"""Quantization Networks (Yang et al., CVPR 2019): quantization as a sum of sigmoids.
+
+The paper writes a quantizer as a non-linear function, a sum of unit steps ``A`` (Sec. 3.1),
+
+    y = alpha * (sum_i s_i * A(beta * x - b_i) - o)
+
+with the input scale ``beta``, the biases (thresholds) ``b_i``, the step heights ``s_i`` (the
+gaps between adjacent quantization values), the offset ``o`` and the output scale ``alpha``.
+Training relaxes each step into a sigmoid of temperature ``T`` (Sec. 3.2),
+
+    y = alpha * (sum_i s_i * sigmoid(T * (beta * x - b_i)) - o)
+
+and raises ``T`` as training goes on, so the soft function tends to the staircase that inference
+uses. ``alpha``, ``beta`` and the ``b_i`` are learned end to end.
+
+Here the quantization values are the integers ``v_0 < ... < v_n`` of the bit-width: ``-m..m``
+with ``m = 2^(b-1) - 1`` signed (the paper's symmetric sets, ``o = m``), ``{-1, 1}`` for 1-bit
+signed (``s_1 = 2``), and ``0..2^b - 1`` unsigned (``o = 0``); so every ``s_i`` is 1 (2 for
+binary) and ``-o = v_0``. The paper also tries power-of-two sets such as ``{-4, -2, -1, 0, 1, 2,
+4}``; uniform values are the deliberate choice here, because they keep the output an integer code
+times one scale.
+
+Integer meaning: the staircase counts the thresholds ``x`` reaches, so its code is ``v_k`` with
+``k = #{i : x >= b_i / beta}`` and its value ``alpha * v_k``: thresholds ``b_i / beta`` (sorted;
+with equal step heights the count does not depend on their order) and uniform levels. The hard
+forward is that lookup, so :meth:`integer_spec` describes it bit for bit; its gradient is the soft
+function's at the current temperature. ``x >= t`` replaces the paper's ``beta * x - b_i > 0``,
+which differs only exactly at a threshold.
+
+:meth:`set_temperature` sets ``T``. The soft function holds one sigmoid per threshold for every
+element, so its memory grows with ``2^b`` (fine at the 2-4 bits the method targets). The learned
+thresholds are not tied to the output levels, so a level may sit outside its own decision
+interval: QN is not a projection (:attr:`projection`), and the thresholds are left as learned
+rather than forced between the levels.
+
+Initialization (:meth:`initialize`): the paper's released code clusters ``beta * x`` with 1-D
+k-means and puts the ``b_i`` between the cluster centres; that suits its non-uniform value sets,
+but with the uniform levels used here it makes the staircase a non-linear distortion of ``x``
+(even at 8 bits the layer's output moves by a quarter). Instead the levels are fitted to the data
+first, as a uniform grid of least squared error (step ``s`` per tensor or channel; ``E|x|`` for
+binary), with ``beta = 1 / s`` and ``alpha = s``, and each ``b_i`` starts at the midpoint of its two
+levels, the nearest-level boundary; training then moves the thresholds freely. ``alpha`` and
+``beta`` are kept positive.
+
+In eval mode the staircase is used, as at inference in the paper; in training the soft function
+is, unless ``hard`` is set (the end of temperature annealing).
+"""
+
+import torch
+from torch import nn
+
+from qcompile.quant.base import IntegerSpec, Quantizer, replace_gradient
+from qcompile.quant.fit import best_steps
+from qcompile.quant.registry import register_method
+
+MIN_SCALE = 1e-8
+
+
+class QNQuantizer(Quantizer):
+    """The quantization function of Quantization Networks, for weights and activations alike."""
+
+    projection = False
+
+    def __init__(self, bits, *, signed, per_channel=False, channels=1, channel_axis=0):
+        super().__init__(bits, signed=signed, per_channel=per_channel, channels=channels,
+                         channel_axis=channel_axis)
+        if signed and bits == 1:
+            values = torch.tensor([-1, 1])
+        elif signed:
+            top = 2 ** (bits - 1) - 1
+            values = torch.arange(-top, top + 1)
+        else:
+            values = torch.arange(0, 2**bits)
+        self.register_buffer("values", values, persistent=False)
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.alpha = nn.Parameter(torch.ones(self.channels))
+        self.beta = nn.Parameter(torch.ones(self.channels))
+        midpoints = (values[1:] + values[:-1]).float() / 2
+        self.biases = nn.Parameter(midpoints.repeat(self.channels, 1))
+
+    def set_temperature(self, temperature: float) -> "QNQuantizer":
+        """Set the sigmoids' temperature ``T``; the paper raises it during training."""
+        self.temperature.fill_(float(temperature))
+        return self
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha, beta)`` as used, floored to stay positive."""
+        return self.alpha.clamp_min(MIN_SCALE), self.beta.clamp_min(MIN_SCALE)
+
+    def step_heights(self) -> torch.Tensor:
+        return (self.values[1:] - self.values[:-1]).to(self.biases.dtype)
+
+    def _spec(self, alpha, beta, biases) -> IntegerSpec:
+        thresholds = (biases / beta[:, None]).sort(dim=-1).values
+        if not self.per_channel:
+            thresholds = thresholds[0]
+        zero = torch.zeros(self.channels, dtype=torch.int64)
+        axis = self.channel_axis if self.per_channel else None
+        return IntegerSpec(self.bits, self.values.clone(), alpha, zero, axis, thresholds=thresholds)
+
+    def integer_spec(self) -> IntegerSpec:
+        """Codes ``v_k``, thresholds ``b_i / beta``, value ``alpha * code``."""
+        alpha, beta = self.scales()
+        biases = self.biases.detach().clone()
+        return self._spec(alpha.detach().clone(), beta.detach().clone(), biases)
+
+    def soft(self, x: torch.Tensor, alpha, beta) -> torch.Tensor:
+        """``alpha * (v_0 + sum_i s_i * sigmoid(T * (beta * x - b_i)))`` (Sec. 3.2)."""
+        shape = self.param_shape(x)
+        biases = self.biases.reshape(*shape, -1)
+        steps = torch.sigmoid(self.temperature * ((beta.reshape(shape) * x).unsqueeze(-1) - biases))
+        total = (steps * self.step_heights()).sum(dim=-1) + self.values[0]
+        return alpha.reshape(shape) * total
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        alpha, beta = self.scales()
+        soft = self.soft(x, alpha, beta)
+        if self.training and not self.hard:
+            return soft
+        with torch.no_grad():
+            spec = self._spec(alpha.detach(), beta.detach(), self.biases.detach())
+            value = spec.dequantize(spec.quantize(x)).to(x.dtype)
+        return replace_gradient(value, soft)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Levels on the least-squares uniform grid: ``beta = 1 / s``, ``alpha = s``, ``b_i`` at
+        the midpoints between levels (see the module docstring)."""
+        rows = self.channel_rows(x.detach().to(self.beta.dtype))
+        if len(self.values) == 2 and self.signed:
+            step = rows.abs().mean(dim=1)
+        else:
+            step = best_steps(rows, int(self.values[0]), int(self.values[-1]))
+        step = step.clamp_min(MIN_SCALE)
+        midpoints = (self.values[1:] + self.values[:-1]).to(self.biases.dtype) / 2
+        self.beta.copy_(1 / step)
+        self.alpha.copy_(step)
+        self.biases.copy_(midpoints.repeat(self.channels, 1))
+
+
+class QNWeightQuantizer(QNQuantizer):
+    """Quantization Networks for weights."""
+
+
+class QNActivationQuantizer(QNQuantizer):
+    """Quantization Networks for activations."""
+
+
+register_method(
+    "qn",
+    QNWeightQuantizer,
+    QNActivationQuantizer,
+    paper="Yang et al., Quantization Networks, CVPR 2019",
+)

@@ -1,0 +1,186 @@
+"""The torch.export frontend: lifted graphs compute what ep.module() computes, with modules back."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import qcompile
+from qcompile.errors import ModelLoadError
+from qcompile.ir.export_frontend import from_exported_program
+
+aten = torch.ops.aten
+RAISED_OPS = {
+    aten.conv1d.default,
+    aten.conv2d.default,
+    aten.convolution.default,
+    aten.linear.default,
+    aten.batch_norm.default,
+    aten._native_batch_norm_legit_no_training.default,
+}
+LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class SmallCNN(nn.Module):
+    """Conv1d/BN1d and Conv2d/BN2d branches, in-place ops, a shared layer and two outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(True))
+        self.conv1d = nn.Conv1d(8, 4, 3, padding=1, bias=False)
+        self.bn1d = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4 * 16, 6)
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + self.stem[0](x)
+        y = F.max_pool2d(y, 2).flatten(2)
+        z = self.bn1d(self.conv1d(y))
+        z.mul_(self.scale)
+        return {"logits": self.head(z.flatten(1)), "features": F.relu6(z)}
+
+
+def lifted(model: nn.Module, x: torch.Tensor):
+    ep = torch.export.export(model.eval(), (x,))
+    return ep, from_exported_program(ep)
+
+
+def _seeded(model: nn.Module) -> nn.Module:
+    """Non-trivial batch-norm statistics, so a wrongly wired BN changes the output."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return model
+
+
+def assert_layers_at_original_paths(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    lifted_modules = dict(gm.named_modules())
+    originals = [(p, m) for p, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    assert originals
+    for path, original in originals:
+        assert type(lifted_modules[path]) is type(original), path
+        assert lifted_modules[path].extra_repr() == original.extra_repr(), path
+        for name, tensor in original.state_dict().items():
+            assert torch.equal(lifted_modules[path].state_dict()[name], tensor), f"{path}.{name}"
+
+
+def called_modules(gm: torch.fx.GraphModule) -> set[str]:
+    return {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+
+def test_resnet18_lifts_to_modules_at_original_paths():
+    model = _seeded(torchvision.models.resnet18(weights=None))
+    x = torch.randn(1, 3, 64, 64)
+    ep, gm = lifted(model, x)
+
+    torch.testing.assert_close(gm(x), ep.module()(x), rtol=0, atol=0)
+    assert_layers_at_original_paths(model, gm)
+    assert {"conv1", "bn1", "layer1.0.conv1", "layer4.1.bn2", "fc"} <= called_modules(gm)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert not targets & RAISED_OPS
+    assert operator.add in targets and F.relu in targets
+    assert not any(getattr(t, "_schema", None) and t._schema.is_mutable for t in targets)
+
+
+def test_small_cnn_with_shared_layer_and_dict_output():
+    model = _seeded(SmallCNN())
+    x = torch.randn(2, 3, 8, 8)
+    ep, gm = lifted(model, x)
+
+    expected, got = ep.module()(x), gm(x)
+    assert got.keys() == expected.keys()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert_layers_at_original_paths(model, gm)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls.count("stem.0") == 2
+    assert {"stem.1", "conv1d", "bn1d", "head"} <= set(calls)
+
+
+def test_mutation_seen_through_an_alias_stays_in_place():
+    class AliasedInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y.view(-1).relu_()
+            return y * 2
+
+    x = torch.randn(1, 2, 4, 4)
+    ep, gm = lifted(AliasedInPlace(), x)
+    torch.testing.assert_close(gm(x), ep.module()(x), rtol=0, atol=0)
+    assert (gm(x) >= 0).all()
+
+
+def test_weights_that_are_not_module_parameters_stay_aten():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(x, self.weight)
+
+    x = torch.randn(1, 3, 6, 6)
+    ep, gm = lifted(Functional(), x)
+    torch.testing.assert_close(gm(x), ep.module()(x), rtol=0, atol=0)
+    assert not called_modules(gm)
+    assert any(n.target == aten.conv2d.default for n in gm.graph.nodes)
+
+
+def test_decomposed_program_raises_convolution_and_native_batch_norm():
+    model = _seeded(nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.BatchNorm2d(8), nn.ReLU()))
+    x = torch.randn(1, 4, 8, 8)
+    ep = torch.export.export(model.eval(), (x,)).run_decompositions()
+    gm = from_exported_program(ep)
+    torch.testing.assert_close(gm(x), model(x))
+    assert_layers_at_original_paths(model, gm)
+    assert called_modules(gm) == {"0", "1"}
+
+
+def test_builtin_passes_apply_to_lifted_programs():
+    model = _seeded(torchvision.models.resnet18(weights=None)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    _, gm = lifted(model, x)
+    traced = qcompile.trace(gm, (x,))
+    result = qcompile.PassManager(["canonicalize", "fold-bn"]).run(traced, example_inputs=(x,))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.modules())
+    torch.testing.assert_close(result(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_nested_inputs_are_refused():
+    class TwoInputs(nn.Module):
+        def forward(self, pair):
+            return pair[0] + pair[1]
+
+    ep = torch.export.export(TwoInputs(), ((torch.ones(2), torch.ones(2)),))
+    with pytest.raises(ModelLoadError, match="positional tensors"):
+        from_exported_program(ep)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    groups=st.sampled_from([1, 2]),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 1),
+    bias=st.booleans(),
+    one_d=st.booleans(),
+)
+def test_conv_hyperparameters_survive_lifting(groups, kernel, stride, padding, bias, one_d):
+    conv_type = nn.Conv1d if one_d else nn.Conv2d
+    conv = conv_type(4, 6, kernel, stride=stride, padding=padding, groups=groups, bias=bias)
+    model = nn.Sequential(conv, nn.ReLU())
+    x = torch.randn((1, 4, 7) if one_d else (1, 4, 7, 7))
+    ep, gm = lifted(model, x)
+    torch.testing.assert_close(gm(x), ep.module()(x), rtol=0, atol=0)
+    assert_layers_at_original_paths(model, gm)

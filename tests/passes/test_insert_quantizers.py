@@ -1,0 +1,146 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import qcompile
+from qcompile.fused import ConvBatchNorm
+from qcompile.models import SmallCNN
+from qcompile.quant import Quantizer, available_methods
+from qcompile.quant.layers import quantizable_layers
+from qcompile.quant.quantized_layer import QuantizedLayer
+
+PIPELINE = ["canonicalize", "fold-bn{mode=qat}", "assign-bits", "insert-quantizers"]
+
+
+def quantized(model, x, ctx=None, passes=PIPELINE, **config):
+    config.setdefault("calib_data", [(x,)])
+    return qcompile.quantize(model.eval(), (x,), passes=passes, ctx=ctx, **config)
+
+
+def with_batch_statistics(model, x):
+    """Give an untrained model's batch norms the statistics of ``x``, as training would.
+
+    With the default statistics (mean 0, variance 1) an untrained torchvision model's activations
+    shrink layer by layer until its output is constant, and no gradient is left to check.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def input_quantizer_nodes(gm):
+    return [n for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Quantizer)]
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_layer_gets_weight_and_input_quantizers(method):
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 28, 28)
+    gm = quantized(SmallCNN(), x, method=method, bits=2)
+    sites = quantizable_layers(gm)
+    assert len(sites) == 4
+    for site in sites:
+        assert isinstance(site.module, (QuantizedLayer, ConvBatchNorm))
+        assert isinstance(site.module.weight_quantizer, Quantizer)
+        assert site.module.weight_quantizer.method == method
+        source = site.node.args[0]
+        assert source.op == "call_module" and isinstance(gm.get_submodule(source.target), Quantizer)
+    widths = [(s.node.meta["quant"]["weight_bits"], s.node.meta["quant"]["act_bits"]) for s in sites]
+    assert widths == [(8, 8), (2, 2), (2, 2), (8, 8)]
+    assert [s.module.weight_quantizer.bits for s in sites] == [8, 2, 2, 8]
+    out = gm(x)
+    assert out.shape == (16, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_eight_bit_model_stays_close_to_float(method):
+    """A sane initialisation: at W8A8 the quantized small CNN computes nearly the float function."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    x = torch.randn(32, 1, 28, 28)
+    gm = quantized(model, x, method=method, bits=8)
+    for module in gm.modules():
+        if isinstance(module, Quantizer):
+            module.set_hard(True)
+    gm.eval()
+    with torch.no_grad():
+        error = (gm(x) - model(x)).norm() / model(x).norm()
+    assert error < 0.05
+
+
+def test_input_quantizer_is_shared_by_layers_reading_one_tensor():
+    x = torch.randn(2, 3, 32, 32)
+    gm = quantized(torchvision.models.resnet18(), x, method="lsq", bits=4)
+    nodes = input_quantizer_nodes(gm)
+    layers = [n.meta["quant_input"]["layers"] for n in nodes]
+    assert ["layer2.0.conv1", "layer2.0.downsample.0"] in layers
+    assert len(nodes) == 21 - 3  # three downsample convs share their block's input quantizer
+
+
+def test_signed_inputs_get_signed_quantizers_and_unsigned_after_relu():
+    x = torch.randn(8, 1, 28, 28)
+    gm = quantized(SmallCNN(), x, method="lsq", bits=4)
+    signs = [n.meta["quant_input"]["signed"] for n in input_quantizer_nodes(gm)]
+    assert signs == [True, False, False, False]
+
+
+def test_method_without_signed_activations_falls_back_and_says_so():
+    x = torch.randn(8, 1, 28, 28)
+    ctx = qcompile.PassContext()
+    gm = quantized(SmallCNN(), x, ctx=ctx, method="pact", bits=4)
+    first = input_quantizer_nodes(gm)[0]
+    methods = [gm.get_submodule(n.target).method for n in input_quantizer_nodes(gm)]
+    if methods[0] == "lsq":
+        assert any("LSQ quantizes this input" in note for note in ctx.records[-1].notes)
+    assert first.meta["quant_input"]["signed"]
+    assert set(methods[1:]) == {"pact"}
+
+
+def test_activation_ranges_come_from_calibration_data():
+    model = SmallCNN()
+    small = quantized(model, torch.randn(8, 1, 28, 28), method="lsq", bits=4)
+    large = quantized(model, 100 * torch.randn(8, 1, 28, 28), method="lsq", bits=4)
+    step = lambda gm: gm.get_submodule(input_quantizer_nodes(gm)[0].target).step  # noqa: E731
+    assert (step(large) > 50 * step(small)).all()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("method", available_methods())
+def test_torchvision_models_quantize_and_train(arch, method):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64)  # at 32x32 mobilenet's last blocks see 1x1 maps
+    model = with_batch_statistics(torchvision.models.get_model(arch, weights=None), x)
+    gm = quantized(model, x, method=method, bits=2)
+    sites = quantizable_layers(gm)
+    bits = [s.node.meta["quant"]["weight_bits"] for s in sites]
+    assert bits[0] == bits[-1] == 8 and set(bits[1:-1]) == {2}
+    gm.train()
+    gm(x).square().mean().backward()
+    quantizer_params = [p for m in gm.modules() if isinstance(m, Quantizer) for p in m.parameters()]
+    assert quantizer_params and any(p.grad is not None and p.grad.abs().sum() > 0
+                                    for p in quantizer_params)
+
+
+def test_report_shows_method_and_bits():
+    from qcompile.report import format_table, layer_report
+
+    gm = quantized(SmallCNN(), torch.randn(4, 1, 28, 28), method="lsq", bits=3)
+    rows = layer_report(gm)
+    assert [(r.method, r.weight_bits) for r in rows] == [("lsq", 8), ("lsq", 3), ("lsq", 3),
+                                                         ("lsq", 8)]
+    assert "lsq" in format_table(rows)
+
+
+def test_eval_mode_folding_pipeline_also_quantizes():
+    x = torch.randn(4, 1, 28, 28)
+    gm = quantized(SmallCNN(), x, method="lsq", bits=4,
+                   passes=["canonicalize", "fold-bn", "assign-bits", "insert-quantizers"])
+    assert all(isinstance(s.module, QuantizedLayer) for s in quantizable_layers(gm))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
