@@ -31,7 +31,7 @@ CONTAINER = "input_quantizers"
 
 @register_pass("insert-quantizers")
 def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    method = get_method(ctx.option("method", "lsq")).name
+    method = get_method(ctx.option("method", "qil")).name
     per_channel = bool(ctx.option("per_channel", True))
     sites = quantizable_layers(gm)
     if not sites:

@@ -12,8 +12,6 @@ Ctrl-C exits 130; anything else is reported as an internal error, exit 1, and
 """
 
 import argparse
-import contextlib
-import io
 import logging
 import os
 import sys
@@ -29,6 +27,7 @@ from qcompile.graph_folder import OUTPUT_CLASS, write_graph_folder
 from qcompile.ir import trace
 from qcompile.loading import load_model
 from qcompile.pipeline import PassContext, PassManager
+from qcompile.quant import available_methods
 from qcompile.report import format_table, layer_report
 from qcompile.user_code import load_plugin, resolve_leaf
 
@@ -114,6 +113,19 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="load a whole pickled module (unpickling runs code from the file)")
     parser.add_argument("--bits", type=_bits, default=2, help="bit-width, 1 to 8 (default 2)")
+    parser.add_argument("--method", default="qil", choices=available_methods(),
+                        help="quantization method (default qil)")
+    parser.add_argument("--first-last-bits", type=_bits, default=8,
+                        help="bit-width of the first and last layers (default 8)")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="one weight scale per layer instead of per output channel")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-size", type=float, metavar="FRACTION",
+                        help="mixed precision: weight bytes as a fraction of fp32, e.g. 0.1")
+    budget.add_argument("--budget-bops", type=float, metavar="FRACTION",
+                        help="mixed precision: bit operations as a fraction of fp32 x fp32")
+    parser.add_argument("--bits-choices", default="2,3,4,8", metavar="B,B,...",
+                        help="bit-widths mixed precision chooses from (default 2,3,4,8)")
     parser.add_argument("--passes", default="default",
                         help="pipeline spec, e.g. 'canonicalize,fold-bn{mode=qat}' "
                         "(default: the preset 'default')")
@@ -147,9 +159,8 @@ def compile_command(argv: list[str]) -> int:
     leaves = [resolve_leaf(loaded.module, name) for name in args.leaf]
     print(f"model: {loaded.description}, input {'x'.join(map(str, shape))}")
     ctx = PassContext(example)
-    with _stderr_shown_on_success():
-        gm = _trace(loaded.module, example, leaves, shape)
-        result = manager.run(gm, example, ctx=ctx, bits=args.bits)
+    gm = _trace(loaded.module, example, leaves, shape)
+    result = manager.run(gm, example, ctx=ctx, **_quantization_options(args))
     print("passes:")
     for record in ctx.records:
         print(f"  {record.summary()}")
@@ -158,6 +169,15 @@ def compile_command(argv: list[str]) -> int:
         write_graph_folder(result, args.out, example)
         print(f"wrote {args.out} (from {args.out.name} import {OUTPUT_CLASS}; call .eval())")
     return 0
+
+
+def _quantization_options(args: argparse.Namespace) -> dict:
+    options = dict(bits=args.bits, method=args.method, first_last_bits=args.first_last_bits,
+                   per_channel=not args.per_tensor)
+    if args.budget_size is not None or args.budget_bops is not None:
+        options.update(budget_size=args.budget_size, budget_bops=args.budget_bops,
+                       bits_choices=args.bits_choices)
+    return options
 
 
 def _trace(model, example, leaves, shape) -> fx.GraphModule:
@@ -171,21 +191,6 @@ def _trace(model, example, leaves, shape) -> fx.GraphModule:
             f"the model does not run on an input of shape {'x'.join(map(str, shape))}: "
             f"{type(cause).__name__}: {cause}; check --input-shape"
         ) from error
-
-
-@contextlib.contextmanager
-def _stderr_shown_on_success():
-    """Hold what a step writes to stderr (torch prints tracebacks of failures it re-raises):
-    a failure is reported as one line instead, unless QCOMPILE_TRACEBACK=1."""
-    held = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(held):
-            yield
-    except BaseException:
-        if _traceback_requested():
-            sys.stderr.write(held.getvalue())
-        raise
-    sys.stderr.write(held.getvalue())
 
 
 def _traceback_requested() -> bool:

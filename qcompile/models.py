@@ -5,9 +5,9 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU blocks, global average pooling and a linear classifier.
+    """Three conv-BN-ReLU blocks, 2x2 average pooling and a linear classifier.
 
-    Sized for 1x28x28 MNIST (works on any HxW >= 8); about 24k parameters.
+    Sized for 1x28x28 MNIST (works on any HxW >= 8); about 26k parameters.
     """
 
     def __init__(self, in_channels: int = 1, classes: int = 10, width: int = 16):
@@ -17,8 +17,8 @@ class SmallCNN(nn.Module):
             _block(width, 2 * width, stride=2),
             _block(2 * width, 4 * width, stride=2),
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(4 * width, classes)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.classifier = nn.Linear(4 * width * 4, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))

@@ -15,11 +15,10 @@ from torch import nn
 
 from qcompile.ir.shapes import output_shape
 from qcompile.ir.trace import QUANTIZABLE_LAYERS
+from qcompile.quant.layers import layer_macs
 
 Shape = tuple[int, ...]
 FP32_BYTES = 4
-_NO_MACS = (nn.Embedding, nn.EmbeddingBag)
-"""Weight-holding modules that look up rows instead of multiplying."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,12 @@ class LayerRow:
     method: str | None = None
     weight_bits: int | None = None
     act_bits: int | None = None
+    sensitivity: float | None = None
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of the layer's parameters at its weight bit-width (fp32 when not quantized)."""
+        return self.params * (self.weight_bits or 32) / 8
 
 
 def layer_report(gm: fx.GraphModule) -> list[LayerRow]:
@@ -55,11 +60,12 @@ def layer_report(gm: fx.GraphModule) -> list[LayerRow]:
                 layer_type=_type_name(module, weighted),
                 input_shape=output_shape(first_input) if isinstance(first_input, fx.Node) else None,
                 output_shape=out_shape,
-                params=sum(p.numel() for p in module.parameters()),
-                macs=_macs(weighted, out_shape),
+                params=sum(p.numel() for p in weighted.parameters(recurse=False)),
+                macs=layer_macs(weighted, out_shape),
                 method=quant.get("method"),
                 weight_bits=quant.get("weight_bits"),
                 act_bits=quant.get("act_bits"),
+                sensitivity=quant.get("sensitivity"),
             )
         )
     return rows
@@ -83,26 +89,9 @@ def _type_name(module: nn.Module, weighted: nn.Module) -> str:
     return f"{type(module).__name__}({type(weighted).__name__})"
 
 
-def _macs(module: nn.Module, out_shape: Shape | None) -> int | None:
-    """Multiply-accumulates for one forward: each output element reads one row of the weight.
-
-    For a convolution that row has ``in_channels / groups * kernel elements`` entries; for a
-    linear layer ``in_features``. A weight with fewer than two dimensions (a norm's scale)
-    multiplies elementwise and counts as no MACs.
-    """
-    weight = getattr(module, "weight", None)
-    if out_shape is None or not isinstance(weight, torch.Tensor):
-        return None
-    if weight.dim() < 2 or isinstance(module, _NO_MACS):
-        return 0
-    out_elements = 1
-    for size in out_shape:
-        out_elements *= size
-    return out_elements * weight[0].numel()
-
-
-_COLUMNS = ("layer", "type", "input", "output", "params", "MACs", "method", "w bits", "a bits")
-_RIGHT_ALIGNED = {"params", "MACs", "w bits", "a bits"}
+_COLUMNS = ("layer", "type", "input", "output", "params", "MACs", "method", "w bits", "a bits",
+            "sensitivity", "bytes")
+_RIGHT_ALIGNED = {"params", "MACs", "w bits", "a bits", "sensitivity", "bytes"}
 
 
 def format_table(rows: list[LayerRow]) -> str:
@@ -113,10 +102,12 @@ def format_table(rows: list[LayerRow]) -> str:
     lines.insert(1, "  ".join("-" * width for width in widths))
     params = sum(row.params for row in rows)
     macs = sum(row.macs or 0 for row in rows)
-    lines.append(
-        f"total: {len(rows)} layers, {params:,} params, {macs:,} MACs, "
-        f"{params * FP32_BYTES:,} bytes as fp32 ({_human_bytes(params * FP32_BYTES)})"
-    )
+    fp32 = params * FP32_BYTES
+    total = f"total: {len(rows)} layers, {params:,} params, {macs:,} MACs, {_human_bytes(fp32)} as fp32"
+    if any(row.weight_bits for row in rows):
+        packed = sum(row.weight_bytes for row in rows)
+        total += f", {_human_bytes(round(packed))} at the assigned bits ({fp32 / packed:.1f}x smaller)"
+    lines.append(total)
     return "\n".join(lines)
 
 
@@ -131,6 +122,8 @@ def _cells(row: LayerRow) -> tuple[str, ...]:
         _or_dash(row.method),
         _or_dash(row.weight_bits),
         _or_dash(row.act_bits),
+        _or_dash(None if row.sensitivity is None else f"{row.sensitivity:.3g}"),
+        _human_bytes(round(row.weight_bytes)),
     )
 
 

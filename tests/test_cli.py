@@ -264,10 +264,11 @@ def test_bits_reach_the_pipeline_and_the_table(tmp_path, small_weights, monkeypa
     code, out, _ = run_main(monkeypatch, capsys, tmp_path, "small.pt", "--arch", SMALL_ARCH,
                             "--input-shape", SMALL_SHAPE, "--passes", passes, "--bits", "3")
     assert code == 0
-    table = out.split("\npasses:\n")[1]
-    conv2 = next(line for line in table.splitlines() if line.startswith("conv2 ")).split()
-    assert conv2[1] == "ConvBatchNorm(Conv2d)"
-    assert conv2[-2:] == ["3", "3"] and conv2[-3] != "-"
+    table = out.split("\npasses:\n")[1].splitlines()
+    header = next(line for line in table if line.startswith("layer "))
+    conv2 = next(line for line in table if line.startswith("conv2 "))
+    assert conv2.split()[1] == "ConvBatchNorm(Conv2d)"
+    assert conv2[header.index("method"):].split()[:3] == ["qil", "3", "3"]
 
 
 @pytest.mark.parametrize(
@@ -319,3 +320,23 @@ def test_subcommands_are_dispatched_by_first_argument(monkeypatch):
     monkeypatch.setitem(cli.SUBCOMMANDS, "inspect", lambda argv: seen.append(argv) or 0)
     assert cli.main(["inspect", "model.qc"]) == 0
     assert seen == [["model.qc"]]
+
+
+def test_method_and_size_budget_reach_the_table(tmp_path, small_weights, monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, tmp_path, "small.pt", "--arch", SMALL_ARCH,
+                            "--input-shape", SMALL_SHAPE, "--method", "lsq",
+                            "--budget-size", "0.2", "--bits-choices", "2,4,8")
+    assert code == 0
+    table = out.split("\npasses:\n")[1].splitlines()
+    header = next(line for line in table if line.startswith("layer "))
+    rows = [line for line in table if line.startswith(("conv", "fc"))]
+    columns = [line[header.index("method"):].split()[:4] for line in rows]
+    assert {c[0] for c in columns} == {"lsq"} and all(c[1] in ("2", "4", "8") for c in columns)
+    assert all(c[3] != "-" for c in columns), "the sensitivity column is filled"
+    assert "sensitivity: size" in out
+
+
+def test_unknown_method_is_one_line(tmp_path, small_weights, monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, tmp_path, "small.pt", "--arch", SMALL_ARCH,
+                            "--method", "nope")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "qil" in err

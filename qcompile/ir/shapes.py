@@ -1,6 +1,8 @@
 """Shape propagation and the run check the pass manager does after every pass."""
 
 import contextlib
+import io
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -29,10 +31,14 @@ def inference_mode_of(module: torch.nn.Module) -> Iterator[None]:
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     """Run ``gm`` on ``example_inputs``, recording each node's output in ``node.meta``.
 
-    Sets ``node.meta["tensor_meta"]`` (torch's own ShapeProp). Raises whatever the model raises.
+    Sets ``node.meta["tensor_meta"]`` (torch's own ShapeProp). Raises whatever the model raises;
+    ShapeProp also prints that error's traceback to stderr, which is dropped: the caller reports
+    the error (what else the run writes to stderr, warnings say, passes through).
     """
-    with inference_mode_of(gm):
+    held = io.StringIO()
+    with inference_mode_of(gm), contextlib.redirect_stderr(held):
         ShapeProp(gm).propagate(*example_inputs)
+    sys.stderr.write(held.getvalue())
 
 
 def output_shape(node: fx.Node) -> tuple[int, ...] | None:

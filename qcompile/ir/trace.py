@@ -117,14 +117,15 @@ def _trace_error(error: Exception, module_path: str | None, model_name: str) -> 
 
 
 def _user_source_line(error: Exception) -> str | None:
-    """The innermost frame of the traceback that is the model's own code, as 'file:line: code'."""
+    """The innermost frame of the traceback that is the model's own code: 'file:line ("code")'."""
     frames = traceback.extract_tb(error.__traceback__)
     for frame in reversed(frames):
         filename = os.path.abspath(frame.filename)
         if filename.startswith((_TORCH_DIR, _QCOMPILE_DIR)) or frame.filename.startswith("<"):
             continue
         code = (frame.line or "").strip()
-        return f"{frame.filename}:{frame.lineno}: {code}"
+        return f'{frame.filename}:{frame.lineno} ("{code}")'
+
     return None
 
 

@@ -56,15 +56,21 @@ def quantizable_layers(gm: fx.GraphModule) -> list[LayerSite]:
         module = modules.get(node.target) if node.op == "call_module" else None
         if module is not None and is_quantizable(module):
             layer = base_layer(module)
-            sites.append(LayerSite(node, module, layer.weight.numel(), layer_macs(node, layer)))
+            macs = layer_macs(layer, output_shape(node)) or 0
+            sites.append(LayerSite(node, module, layer.weight.numel(), macs))
     return sites
 
 
-def layer_macs(node: fx.Node, layer: nn.Module) -> int:
-    """Multiply-accumulates of one call: output elements x (input channels per group x kernel)."""
-    shape = output_shape(node)
-    if shape is None:
+def layer_macs(layer: nn.Module, out_shape: tuple[int, ...] | None) -> int | None:
+    """Multiply-accumulates of one call: each output element reads one row of the weight.
+
+    For a convolution that row has ``in_channels / groups * kernel elements`` entries; for a
+    linear layer ``in_features``. A weight with fewer than two dimensions (a norm's scale)
+    multiplies elementwise, and an embedding looks rows up: no MACs. None without a shape.
+    """
+    weight = getattr(layer, "weight", None)
+    if out_shape is None or not isinstance(weight, torch.Tensor):
+        return None
+    if weight.dim() < 2 or isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
         return 0
-    outputs = int(torch.Size(shape).numel())
-    weight = layer.weight
-    return outputs * int(weight[0].numel())
+    return int(torch.Size(out_shape).numel()) * int(weight[0].numel())
