@@ -50,9 +50,13 @@ class ConvBatchNorm(nn.Module):
         self.statistics_frozen = True
 
     def fold_factor(self) -> torch.Tensor:
-        """Per output channel ``gamma / sqrt(running_var + eps)``."""
+        """Per output channel ``gamma / sqrt(running_var + eps)``.
+
+        Reads a copy of the running variance: the batch norm updates it in place later in the
+        same forward, and a compiled backward may otherwise keep the original for its gradient.
+        """
         gamma = self.bn.weight if self.bn.weight is not None else 1.0
-        return gamma * torch.rsqrt(self.bn.running_var + self.bn.eps)
+        return gamma * torch.rsqrt(self.bn.running_var.clone() + self.bn.eps)
 
     def folded_weight(self) -> torch.Tensor:
         weight = self.layer.weight
