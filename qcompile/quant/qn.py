@@ -39,8 +39,12 @@ but with the uniform levels used here it makes the staircase a non-linear distor
 (even at 8 bits the layer's output moves by a quarter). Instead the levels are fitted to the data
 first, as a uniform grid of least squared error (step ``s`` per tensor or channel; ``E|x|`` for
 binary), with ``beta = 1 / s`` and ``alpha = s``, and each ``b_i`` starts at the midpoint of its two
-levels, the nearest-level boundary; training then moves the thresholds freely. ``alpha`` and
-``beta`` are kept positive.
+levels, the nearest-level boundary; training then moves the thresholds freely.
+
+``alpha`` and ``beta`` are learned as their logarithms (``log_alpha``, ``log_beta``): they are
+scales that span orders of magnitude (an 8-bit classifier's ``alpha`` starts near 1e-4), and an
+optimizer step on the logarithm changes them by a ratio, so they stay positive and a step of
+the usual learning rate cannot throw one past zero.
 
 In eval mode the staircase is used, as at inference in the paper; in training the soft function
 is, unless ``hard`` is set (the end of temperature annealing).
@@ -73,8 +77,8 @@ class QNQuantizer(Quantizer):
             values = torch.arange(0, 2**bits)
         self.register_buffer("values", values, persistent=False)
         self.register_buffer("temperature", torch.tensor(1.0))
-        self.alpha = nn.Parameter(torch.ones(self.channels))
-        self.beta = nn.Parameter(torch.ones(self.channels))
+        self.log_alpha = nn.Parameter(torch.zeros(self.channels))
+        self.log_beta = nn.Parameter(torch.zeros(self.channels))
         midpoints = (values[1:] + values[:-1]).float() / 2
         self.biases = nn.Parameter(midpoints.repeat(self.channels, 1))
 
@@ -84,8 +88,18 @@ class QNQuantizer(Quantizer):
         return self
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha, beta)`` as used, floored to stay positive."""
-        return self.alpha.clamp_min(MIN_SCALE), self.beta.clamp_min(MIN_SCALE)
+        """``(alpha, beta)`` as used."""
+        return self.alpha, self.beta
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """The output scale, ``exp(log_alpha)``."""
+        return self.log_alpha.exp()
+
+    @property
+    def beta(self) -> torch.Tensor:
+        """The input scale, ``exp(log_beta)``."""
+        return self.log_beta.exp()
 
     def step_heights(self) -> torch.Tensor:
         return (self.values[1:] - self.values[:-1]).to(self.biases.dtype)
@@ -126,15 +140,15 @@ class QNQuantizer(Quantizer):
     def initialize(self, x: torch.Tensor) -> None:
         """Levels on the least-squares uniform grid: ``beta = 1 / s``, ``alpha = s``, ``b_i`` at
         the midpoints between levels (see the module docstring)."""
-        rows = self.channel_rows(x.detach().to(self.beta.dtype))
+        rows = self.channel_rows(x.detach().to(self.log_beta.dtype))
         if len(self.values) == 2 and self.signed:
             step = rows.abs().mean(dim=1)
         else:
             step = best_steps(rows, int(self.values[0]), int(self.values[-1]))
         step = step.clamp_min(MIN_SCALE)
         midpoints = (self.values[1:] + self.values[:-1]).to(self.biases.dtype) / 2
-        self.beta.copy_(1 / step)
-        self.alpha.copy_(step)
+        self.log_beta.copy_(-step.log())
+        self.log_alpha.copy_(step.log())
         self.biases.copy_(midpoints.repeat(self.channels, 1))
 
 

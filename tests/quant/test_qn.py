@@ -1,5 +1,7 @@
 """Quantization Networks (Yang et al. 2019): sigmoid sum, temperature, staircase, k-means init."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +13,8 @@ from qcompile.quant.qn import QNActivationQuantizer, QNWeightQuantizer
 
 def set_function(q, alpha, beta, biases):
     with torch.no_grad():
-        q.alpha.fill_(alpha)
-        q.beta.fill_(beta)
+        q.log_alpha.fill_(math.log(alpha))
+        q.log_beta.fill_(math.log(beta))
         q.biases.copy_(torch.tensor(biases).expand_as(q.biases))
     return q
 
@@ -73,7 +75,7 @@ def test_soft_forward_is_differentiable_in_thresholds_scales_and_input():
     q = make_quantizer("qn", "weight", 2, signed=True, per_channel=True, channels=2).double()
     q.set_temperature(2.0)
     x = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    names = ("alpha", "beta", "biases")
+    names = ("log_alpha", "log_beta", "biases")
 
     def function(x, *params):
         return functional_call(q, dict(zip(names, params)), (x,))
@@ -178,3 +180,20 @@ def test_tiny_layer_trains_while_the_temperature_rises(bits):
 def test_tiny_layer_trains_with_the_shared_loop(train_tiny):
     losses = train_tiny("qn", 3)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_scales_survive_ordinary_optimizer_steps():
+    """Tiny scales (an 8-bit layer's alpha is ~1e-4) stay positive under Adam at lr 3e-3."""
+    w = 1e-3 * torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    q = make_quantizer("qn", "weight", 8, signed=True).set_hard()
+    q.initialize(w)
+    assert float(q.alpha.detach()) < 1e-4
+    optimizer = torch.optim.Adam(q.parameters(), lr=3e-3)
+    target = torch.randn(16, 32, generator=torch.Generator().manual_seed(1)) * 1e-3
+    for _ in range(20):
+        loss = ((q(w) - target) ** 2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(q.alpha.detach()) > 0 and float(q.beta.detach()) > 0
+    assert q(w).unique().numel() > 16

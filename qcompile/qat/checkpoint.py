@@ -1,0 +1,126 @@
+"""Training checkpoints: everything a resumed run needs to continue bit for bit, written atomically.
+
+A checkpoint holds the model's ``state_dict`` and its modules' plain settings (a quantizer's
+``enabled``/``hard``/``bits``, a ConvBatchNorm's ``statistics_frozen``: switches schedules flip
+that live outside the state dict), the optimizer and learning-rate schedule, each schedule's
+``state_dict``, the position (epoch, batch within it, step), the history so far, each process's
+running sums of the current epoch and global RNG states, and a fingerprint of the run's
+configuration so that a resume with other settings is refused instead of silently diverging.
+
+The file is written to a temporary name in the same folder and moved into place with
+``os.replace``, so ``last.pt`` is always a complete checkpoint, never a half-written one. It loads
+with ``torch.load(weights_only=True)``: reading it runs no code from the file.
+"""
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qcompile.errors import ConfigError
+
+FORMAT = 1
+FILENAME = "last.pt"
+_SETTING_TYPES = (bool, int, float, str)
+_REQUIRED = ("format", "fingerprint", "position", "model", "optimizer", "lr_schedule",
+             "schedules", "processes", "history")
+
+
+def checkpoint_path(directory: str | os.PathLike) -> Path:
+    return Path(directory) / FILENAME
+
+
+def save(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write ``checkpoint`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            torch.save(dict(checkpoint, format=FORMAT), out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read a checkpoint ``save`` wrote; a missing, damaged or foreign file is a ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: no checkpoint at {path}; train without resume=True "
+                          "(CLI: without --resume) to start afresh")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ConfigError(f"cannot resume: {path} is damaged or not a qcompile training "
+                          f"checkpoint ({type(error).__name__}: {str(error)[:200]}); delete it "
+                          "to start afresh") from None
+    if not isinstance(checkpoint, dict):
+        checkpoint = {}
+    missing = [key for key in _REQUIRED if key not in checkpoint]
+    if missing or checkpoint.get("format") != FORMAT:
+        raise ConfigError(f"cannot resume: {path} is not a qcompile training checkpoint of format "
+                          f"{FORMAT} (missing {', '.join(missing) or 'nothing'}); delete it to "
+                          "start afresh")
+    return checkpoint
+
+
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a run whose configuration differs from the checkpoint's."""
+    keys = sorted(set(saved) | set(current))
+    differences = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
+                   for key in keys if saved.get(key) != current.get(key)]
+    if differences:
+        raise ConfigError(f"cannot resume from {path}: the run's settings differ "
+                          f"({'; '.join(differences)}); resume with the checkpoint's settings, or "
+                          "start afresh without resume=True (or with another checkpoint_dir)")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's global RNG states (torch, CUDA, numpy, python) as plain tensors and tuples."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = dict(torch=torch.get_rng_state(),
+                 numpy=(kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+                 python=random.getstate())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    random.setstate(_as_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module's plain public attributes (bools, numbers, strings), by module name."""
+    return {name: {key: value for key, value in vars(module).items()
+                   if not key.startswith("_") and type(value) in _SETTING_TYPES}
+            for name, module in model.named_modules()}
+
+
+def load_module_settings(model: nn.Module, settings: dict[str, dict[str, Any]]) -> None:
+    """Set back what :func:`module_settings` saved, on the modules and attributes still there."""
+    modules = dict(model.named_modules())
+    for name, values in settings.items():
+        module = modules.get(name)
+        for key, value in values.items() if module is not None else ():
+            if key in vars(module) and type(vars(module)[key]) is type(value):
+                setattr(module, key, value)
+
+
+def _as_tuples(value):
+    """``random.setstate`` wants nested tuples; a checkpoint round trip may yield lists."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    return value

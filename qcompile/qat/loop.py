@@ -1,0 +1,284 @@
+"""The training loop: epochs of steps, schedule hooks, validation, records, interrupts.
+
+Each step: the schedules' ``on_step_start``, forward, the loss (cross-entropy, or the
+distillation's), backward, gradient clipping, the optimizer step and the per-step learning-rate
+step. Each epoch ends with the schedules' ``on_epoch_end``, validation, a record in the history
+and the metrics file, and a checkpoint. Checkpoint saving and restoring live in
+:class:`~qcompile.qat.session.Session`.
+"""
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from qcompile.errors import TrainingInterrupted
+from qcompile.qat import distributed
+from qcompile.qat.interrupt import StopRequests
+from qcompile.qat.loaders import EpochBatches, Source, evaluation_loader, split_batch
+from qcompile.qat.metrics import EpochMeter, History, MetricsLog
+from qcompile.qat.optim import OptimConfig, make_lr_schedule, make_optimizer, parameter_groups
+from qcompile.qat.session import Session
+from qcompile.qat.state import Schedule, TrainState
+
+log = logging.getLogger("qcompile.qat")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    epochs: int
+    seed: int
+    grad_clip: float | None
+    optim: OptimConfig
+    progress: bool
+    checkpoint: Path | None
+
+
+class Run(Session):
+    """One call of :func:`train`: the loop itself (checkpoint state lives in :class:`Session`)."""
+
+    def __init__(self, model: fx.GraphModule, train: Source, val: Source | None, config: RunConfig,
+                 schedules: list[Schedule], distillation, world: distributed.Distributed,
+                 calib_data: list[tuple[torch.Tensor, ...]]):
+        self.model = model.to(world.device)
+        self.val = val
+        self.config = config
+        self.schedules = schedules
+        self.distillation = distillation
+        self.world = world
+        self.batches = EpochBatches(train, config.seed, world.world_size, world.rank)
+        self.state = TrainState(self.model, config.epochs, len(self.batches), config.seed,
+                                calib_data=calib_data)
+        self.history = History()
+        self.meter = EpochMeter()
+        self.metrics: MetricsLog | None = None
+        self.opened = False
+        self.safe = False
+        self.before_hooks = None
+        self.teacher = None if distillation is None else distillation.teacher.to(world.device)
+
+    def fit(self, resume: bool) -> History:
+        """Train from the start or from the checkpoint; the teacher, when trained jointly under
+        ``torchrun``, is wrapped in DDP for the run so that its gradients are averaged too."""
+        if self.distillation is not None and self.distillation.trainable_parameters():
+            self.distillation.teacher = self.world.wrap(self.teacher)
+        try:
+            self.train_all(resume)
+        finally:
+            if self.distillation is not None:
+                self.distillation.teacher = self.teacher
+        self.world.broadcast_buffers(self.model)
+        if self.distillation is not None and self.distillation.trainable_parameters():
+            self.world.broadcast_buffers(self.teacher)
+        self.model.eval()
+        self.set_teacher_mode(training=False)
+        self.history.seconds = self.elapsed()
+        return self.history
+
+    def train_all(self, resume: bool) -> None:
+        started = time.perf_counter()
+        self.clock = (started, 0.0)
+        if resume:
+            self.resume()
+        else:
+            self.start()
+        self.clock = (started, self.history.seconds)
+        with StopRequests() as stop:
+            try:
+                self.safe = True
+                while self.state.epoch < self.config.epochs:
+                    self.run_epoch(stop)
+            except (KeyboardInterrupt, _StopRequested) as interrupt:
+                self.interrupted(collective=isinstance(interrupt, _StopRequested))
+
+    def start(self) -> None:
+        if self.val is not None:
+            self.history.initial_val_accuracy = self.evaluate()[1]
+        seed = self.config.seed + self.world.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        for schedule in self.schedules:
+            schedule.on_train_start(self.state)
+        self.build_optimizer()
+        if self.metrics is not None:
+            self.metrics.restart([])
+
+    def build_optimizer(self) -> None:
+        """A fresh optimizer and LR schedule (advanced to the current step) over the model's
+        current parameters, and the DDP wrapper over them."""
+        self.state.structure_changed = False
+        self.model.to(self.world.device)
+        teacher = self.distillation.trainable_parameters() if self.distillation else []
+        groups = parameter_groups(self.model, self.config.optim, teacher)
+        self.parameters = [p for group in groups for p in group["params"]]
+        self.optimizer = make_optimizer(groups, self.config.optim)
+        self.lr_schedule = make_lr_schedule(self.optimizer, self.config.optim,
+                                            self.state.total_steps, self.state.step)
+        self.forward_model = self.world.wrap(self.model)
+        if self.distillation is not None and hasattr(self.distillation, "attach"):
+            self.distillation.attach(self.model)
+
+    def run_epoch(self, stop: StopRequests) -> None:
+        state = self.state
+        if not self.opened:
+            self.call_hooks("on_epoch_start")
+            self.opened = True
+        if state.structure_changed:
+            self.build_optimizer()
+        self.model.train()
+        self.set_teacher_mode(training=True)
+        bar = tqdm(total=state.steps_per_epoch, initial=state.batch, unit="step", leave=False,
+                   desc=f"epoch {state.epoch + 1}/{state.epochs}", dynamic_ncols=True,
+                   disable=not (self.config.progress and self.world.is_main))
+        with bar:
+            batches = iter(self.batches.loader(state.epoch, skip=state.batch))
+            while True:
+                if self.world.any(stop.requested):
+                    raise _StopRequested
+                started = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                self.step(*split_batch(batch, self.world.device), started)
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.meter.loss:.3f}", acc=f"{self.meter.accuracy:.1%}",
+                                samples_s=f"{self.meter.count / self.meter.seconds:.0f}",
+                                refresh=False)
+        self.close_epoch()
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, started: float) -> None:
+        state = self.state
+        self.call_hooks("on_step_start")
+        if state.structure_changed:
+            self.build_optimizer()
+        self.safe = False
+        logits = self.forward_model(inputs)
+        if self.distillation is not None:
+            loss, figures = self.distillation.loss(inputs, labels, logits)
+        else:
+            loss, figures = F.cross_entropy(logits, labels), {}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        state.step += 1
+        state.batch += 1
+        correct = int((logits.detach().argmax(dim=1) == labels).sum())
+        seconds = time.perf_counter() - started
+        self.meter.add(float(loss.detach()), correct, len(labels), figures)
+        self.meter.seconds += seconds
+        self.history.step_seconds.append(seconds)
+        self.safe = True
+
+    def call_hooks(self, hook: str) -> None:
+        """Call ``hook`` of every schedule. Should one of them raise KeyboardInterrupt, the
+        checkpoint holds the schedules' states from before any of them ran, since the resumed run
+        calls the hooks again (module switches they flipped are set again by those calls)."""
+        if not self.schedules:
+            return
+        self.before_hooks = self.schedule_states()
+        for schedule in self.schedules:
+            getattr(schedule, hook)(self.state)
+        self.before_hooks = None
+
+    def close_epoch(self) -> None:
+        """Schedules' epoch-end figures, validation, the epoch's record and the checkpoint."""
+        self.safe = False
+        state = self.state
+        figures = {}
+        for schedule in self.schedules:
+            for key, value in (schedule.on_epoch_end(state) or {}).items():
+                figures[f"{schedule.name}.{key}" if key in figures else key] = value
+        val_loss, val_accuracy = self.evaluate() if self.val is not None else (None, None)
+        totals = self.meter.totals(self.world.all_reduce_sum)
+        record = dict(epoch=state.epoch + 1, step=state.step,
+                      train_loss=totals.pop("train_loss"),
+                      train_accuracy=totals.pop("train_accuracy"), val_loss=val_loss,
+                      val_accuracy=val_accuracy, lr=self.optimizer.param_groups[0]["lr"],
+                      seconds=self.meter.seconds,
+                      samples_per_second=totals.pop("samples_per_second"))
+        record.update(totals)
+        record.update({key: value for key, value in figures.items() if key not in record})
+        self.history.records.append(record)
+        if self.metrics is not None:
+            self.metrics.append(record)
+        if self.config.progress and self.world.is_main:
+            tqdm.write(_summary(record, state.epochs))
+        state.epoch += 1
+        state.batch = 0
+        self.opened = False
+        self.meter = EpochMeter()
+        if self.config.checkpoint is not None:
+            self.save()
+        self.safe = True
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Cross-entropy and top-1 accuracy on the validation data (every process's share)."""
+        self.world.broadcast_buffers(self.model)
+        self.model.eval()
+        self.set_teacher_mode(training=False)
+        loss_sum = correct = count = 0.0
+        for batch in evaluation_loader(self.val, self.world.world_size, self.world.rank):
+            inputs, labels = split_batch(batch, self.world.device)
+            logits = self.model(inputs)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            count += len(labels)
+        loss_sum, correct, count = self.world.all_reduce_sum([loss_sum, correct, count])
+        self.model.train()
+        self.set_teacher_mode(training=True)
+        return loss_sum / max(count, 1), correct / max(count, 1)
+
+    def set_teacher_mode(self, training: bool) -> None:
+        """A teacher trained jointly follows the student's mode; a fixed one stays in eval."""
+        if self.distillation is not None:
+            joint = bool(self.distillation.trainable_parameters())
+            self.distillation.teacher.train(training and joint)
+
+    def interrupted(self, collective: bool) -> None:
+        """Save what can be resumed exactly, say how to continue, raise TrainingInterrupted."""
+        state, path = self.state, self.config.checkpoint
+        where = (f"training interrupted at epoch {state.epoch + 1}/{state.epochs}, batch "
+                 f"{state.batch}/{state.steps_per_epoch} (step {state.step})")
+        unsaved = ("in the middle of a step or an epoch's end" if not self.safe else
+                   "on this process alone (a checkpoint needs every process)")
+        if path is None:
+            message = (f"{where}; progress was not saved (no checkpoint_dir): pass "
+                       "checkpoint_dir to make training resumable")
+        elif self.safe and (collective or not self.world.enabled):
+            self.save()
+            message = (f"{where}; progress saved to {path}: run again with resume=True "
+                       "(CLI: --resume) to continue")
+        elif path.is_file():
+            message = (f"{where}, {unsaved}; the last complete checkpoint {path} is kept: run "
+                       "again with resume=True (CLI: --resume) to continue from it")
+        else:
+            message = f"{where}, {unsaved}, before any checkpoint; progress was not saved"
+        log.warning(message)
+        saved = str(path) if path is not None and path.is_file() else None
+        raise TrainingInterrupted(message, checkpoint=saved) from None
+
+
+class _StopRequested(Exception):
+    """Every process saw a stop request (Ctrl-C, SIGTERM) at a step boundary."""
+
+
+def _summary(record: dict, epochs: int) -> str:
+    text = (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f}, "
+            f"accuracy {record['train_accuracy']:.2%}")
+    if record["val_accuracy"] is not None:
+        text += f"; val loss {record['val_loss']:.4f}, accuracy {record['val_accuracy']:.2%}"
+    if record["samples_per_second"]:
+        text += f"; {record['samples_per_second']:.0f} samples/s"
+    return text

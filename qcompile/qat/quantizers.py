@@ -1,0 +1,50 @@
+"""The quantizers of a quantized graph as the training schedules see them.
+
+``insert-quantizers`` gives every quantized layer a ``weight_quantizer`` and puts an activation
+quantizer, under the ``input_quantizers`` submodule, on each layer input (shared by the layers
+that read one tensor at one bit-width). A schedule switches them by role (weights, activations),
+by layer (a layer's weight quantizer with its input's), or by capability (a temperature).
+"""
+
+from torch import fx, nn
+
+from qcompile.quant.base import Quantizer
+from qcompile.quant.calibration import INPUT_QUANTIZERS
+from qcompile.quant.layers import quantizable_layers
+
+
+def activation_quantizers(gm: nn.Module) -> list[Quantizer]:
+    """The quantizers on layer inputs (the ``input_quantizers.*`` modules)."""
+    container = getattr(gm, INPUT_QUANTIZERS, None)
+    if container is None:
+        return []
+    return [module for module in container.children() if isinstance(module, Quantizer)]
+
+
+def weight_quantizers(gm: nn.Module) -> list[Quantizer]:
+    """The ``weight_quantizer`` of every quantized layer."""
+    return [module.weight_quantizer for module in gm.modules()
+            if isinstance(getattr(module, "weight_quantizer", None), Quantizer)]
+
+
+def layer_groups(gm: fx.GraphModule) -> list[list[Quantizer]]:
+    """One list per quantized layer input: its activation quantizer and the weight quantizers of
+    the layers that read it (so a layer's weights and input are always switched together)."""
+    groups: dict[str, list[Quantizer]] = {}
+    for site in quantizable_layers(gm):
+        weights = getattr(site.module, "weight_quantizer", None)
+        if not isinstance(weights, Quantizer):
+            continue
+        source = site.node.args[0] if site.node.args else None
+        key = source.target if isinstance(source, fx.Node) and source.op == "call_module" else None
+        inputs = gm.get_submodule(key) if key is not None else None
+        if isinstance(inputs, Quantizer):
+            groups.setdefault(key, [inputs]).append(weights)
+        else:
+            groups[site.name] = [weights]
+    return list(groups.values())
+
+
+def annealable_quantizers(gm: nn.Module) -> list[nn.Module]:
+    """Quantizers with a temperature to anneal (a ``set_temperature`` method)."""
+    return [module for module in gm.modules() if callable(getattr(module, "set_temperature", None))]

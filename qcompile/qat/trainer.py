@@ -1,0 +1,109 @@
+"""``qcompile.train``: quantization-aware training of a quantized graph, in one call.
+
+Turns the arguments into the loop's parts (data sources, optimizer settings, distillation, the
+process group under ``torchrun``) and runs :class:`~qcompile.qat.loop.Run`. One loop for every
+quantizer and schedule: it owns the batch order, so with the checkpoint of
+:mod:`qcompile.qat.checkpoint` a run that is stopped and resumed ends with the same weights, bit
+for bit, as one that never stopped.
+"""
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qcompile.errors import ConfigError
+from qcompile.qat import checkpoint, distributed
+from qcompile.qat.loaders import as_source
+from qcompile.qat.loop import Run, RunConfig
+from qcompile.qat.metrics import History, MetricsLog
+from qcompile.qat.optim import OptimConfig
+from qcompile.qat.state import Schedule
+
+
+def train(
+    qmodel: fx.GraphModule,
+    train_data,
+    val_data=None,
+    *,
+    epochs: int = 8,
+    lr: float = 1e-3,
+    quantizer_lr: float | None = None,
+    weight_decay: float = 1e-4,
+    optimizer: str = "adam",
+    lr_schedule: str = "cosine",
+    grad_clip: float | None = 1.0,
+    batch_size: int = 64,
+    teacher: nn.Module | None = None,
+    distillation=None,
+    schedules: Sequence[Schedule] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    metrics_path: str | Path | None = None,
+    progress: bool = True,
+    calib_data: Iterable | None = None,
+    device: str | torch.device | None = None,
+) -> History:
+    """Train the quantized graph ``qmodel`` in place; return the per-epoch :class:`History`.
+
+    ``train_data``/``val_data``: a map-style Dataset, a DataLoader over one (its dataset, batch
+    size and collate function are used) or an ``(inputs, labels)`` tensor pair. The loss is
+    cross-entropy, or ``distillation.loss`` when ``teacher=`` (shorthand for
+    ``Distillation(teacher)``) or a configured ``distillation=`` is given. Quantizer parameters
+    train at ``quantizer_lr`` (default ``lr``) without weight decay, as do biases and batch norm
+    at ``lr``; the learning rate follows ``lr_schedule`` per optimizer step. ``schedules`` are
+    :class:`Schedule` objects called at their hooks (None: ``default_schedules(qmodel)``,
+    temperature annealing and batch-norm freezing where the model has them; pass a list to
+    choose exactly); ``calib_data`` (input batches) is theirs.
+
+    With ``checkpoint_dir`` every epoch ends with ``checkpoint_dir/last.pt`` and a line in
+    ``metrics.jsonl`` (or ``metrics_path``; a fresh run starts the file afresh), and
+    ``resume=True`` continues from the checkpoint exactly. Ctrl-C stops at the next step
+    boundary, saves a checkpoint there and raises :class:`~qcompile.errors.TrainingInterrupted`.
+    Under ``torchrun`` the run is data-parallel (DDP), rank 0 logs and checkpoints. A fresh run
+    seeds the global RNGs with ``seed`` (plus the rank); the model is left in eval mode.
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
+    if grad_clip is not None and grad_clip < 0:
+        raise ConfigError(f"grad_clip must be positive (or None to disable), got {grad_clip!r}")
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True needs the checkpoint_dir of the run to resume")
+    if teacher is not None:
+        if distillation is not None:
+            raise ConfigError("pass either teacher= or distillation=, not both")
+        from qcompile.qat.distill import Distillation
+
+        distillation = Distillation(teacher)
+    optim = OptimConfig(lr, quantizer_lr, weight_decay, optimizer, lr_schedule)
+    train_source = as_source(train_data, batch_size, "train_data")
+    val_source = None if val_data is None else as_source(val_data, batch_size, "val_data")
+    if metrics_path is None and checkpoint_dir is not None:
+        metrics_path = Path(checkpoint_dir) / "metrics.jsonl"
+    world = distributed.setup(device)
+    try:
+        config = RunConfig(epochs, seed, grad_clip, optim, progress,
+                           None if checkpoint_dir is None else checkpoint.checkpoint_path(
+                               checkpoint_dir))
+        if schedules is None:
+            from qcompile.qat.schedules import default_schedules
+
+            schedules = default_schedules(qmodel)
+        run = Run(qmodel, train_source, val_source, config, list(schedules), distillation, world,
+                  _calibration(calib_data, world.device))
+        if metrics_path is not None and world.is_main:
+            run.metrics = MetricsLog(metrics_path)
+        return run.fit(resume)
+    finally:
+        world.close()
+
+
+def _calibration(calib_data: Iterable | None, device: torch.device) -> list[tuple]:
+    batches = []
+    for item in calib_data or []:
+        item = (item,) if isinstance(item, torch.Tensor) else tuple(item)
+        batches.append(tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in item))
+    return batches

@@ -1,0 +1,108 @@
+"""The command line's training stage: data, calibration, QAT with the chosen schedules, summary.
+
+``qcompile MODEL --data mnist5k --epochs 8 [--distill] [--progressive] [--stochastic-precision]``
+quantizes the model with calibration on the training data, trains it, and prints the float
+accuracy and the quantized accuracy before and after QAT. ``--resume`` rebuilds the same
+quantized graph and continues from the run's checkpoint.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from qcompile.data import Datasets, load_data
+from qcompile.errors import ConfigError
+
+CALIBRATION_EXAMPLES = 256
+PROGRESSIVE_CHOICES = ("bits", "weights-first", "both")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (QAT)")
+    group.add_argument("--data", help="train on: mnist5k, digits, imagefolder:PATH or a .npz file")
+    group.add_argument("--epochs", type=int, default=8, help="QAT epochs (default 8)")
+    group.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    group.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    group.add_argument("--distill", action="store_true",
+                       help="distil from the float model (knowledge distillation)")
+    group.add_argument("--progressive", nargs="?", const="bits", choices=PROGRESSIVE_CHOICES,
+                       help="progressive quantization: bit-width 8 -> 4 -> --bits ('bits', the "
+                       "default), weights before activations ('weights-first'), or 'both'")
+    group.add_argument("--stochastic-precision", action="store_true",
+                       help="run a random subset of layers in full precision, fewer over time")
+    group.add_argument("--checkpoint-dir", type=Path,
+                       help="where checkpoints and metrics go (default: MODEL's name + .qat)")
+    group.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
+
+
+def load_training_data(args: argparse.Namespace) -> Datasets | None:
+    if args.data is None:
+        for flag in ("distill", "progressive", "stochastic_precision", "resume"):
+            if getattr(args, flag):
+                raise ConfigError(f"--{flag.replace('_', '-')} trains the model: give --data too")
+        return None
+    if args.epochs < 1 or args.batch_size < 1:
+        raise ConfigError("--epochs and --batch-size must be positive integers")
+    return load_data(args.data)
+
+
+def calibration_batches(data: Datasets, batch_size: int) -> list[tuple[torch.Tensor]]:
+    count = min(CALIBRATION_EXAMPLES, len(data.train))
+    inputs = torch.stack([data.train[i][0] for i in range(count)])
+    return [(batch,) for batch in inputs.split(batch_size)]
+
+
+def starting_bits(args: argparse.Namespace) -> int:
+    """Progressive bit-widths start the middle layers at 8 bits."""
+    if args.progressive in ("bits", "both"):
+        if args.budget_size is not None or args.budget_bops is not None:
+            raise ConfigError("--progressive bits and a mixed-precision budget do not combine")
+        return 8
+    return args.bits
+
+
+def run_training(args, float_model: fx.GraphModule, quantized: fx.GraphModule, data: Datasets,
+                 calibration) -> None:
+    from qcompile.qat import (
+        ProgressiveActivations,
+        ProgressiveBits,
+        StochasticPrecision,
+        default_schedules,
+        train,
+    )
+
+    schedules = default_schedules(quantized)
+    if args.progressive in ("bits", "both") and args.bits < 8:
+        stages = tuple(sorted({8, 4, args.bits} & set(range(args.bits, 9)), reverse=True))
+        schedules.append(ProgressiveBits(stages=stages))
+    if args.progressive in ("weights-first", "both"):
+        schedules.append(ProgressiveActivations())
+    if args.stochastic_precision:
+        schedules.append(StochasticPrecision())
+    checkpoints = args.checkpoint_dir or Path(f"{Path(args.model).stem}.qat")
+    float_accuracy = accuracy(float_model, data.val, args.batch_size)
+    history = train(quantized, data.train, data.val, epochs=args.epochs, lr=args.lr,
+                    batch_size=args.batch_size, teacher=float_model if args.distill else None,
+                    schedules=schedules, checkpoint_dir=checkpoints, resume=args.resume,
+                    calib_data=calibration)
+    print(f"summary: float accuracy {float_accuracy:.2%}; quantized "
+          f"{_percent(history.initial_val_accuracy)} before QAT -> "
+          f"{_percent(history.final_val_accuracy)} after {args.epochs} epochs "
+          f"(checkpoints and metrics.jsonl in {checkpoints})")
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, dataset, batch_size: int) -> float:
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=max(batch_size, 256))
+    correct = total = 0
+    for inputs, labels in loader:
+        correct += int((model(inputs).argmax(dim=1) == labels).sum())
+        total += len(labels)
+    return correct / max(total, 1)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"

@@ -1,0 +1,98 @@
+"""Data-parallel training under torchrun: two CPU processes (gloo) train one model."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qcompile.qat.distributed import setup
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(out: Path, mode: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run the worker in ``mode`` on two processes; its return and each rank's saved results."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+               "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(WORKER), str(out), mode]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    ranks = [torch.load(out / f"{mode}-rank{r}.pt", weights_only=True)
+             for r in (0, 1) if (out / f"{mode}-rank{r}.pt").is_file()]
+    return result, ranks
+
+
+def assert_equal_states(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")}
+            for r in records]
+
+
+def test_two_processes_train_one_model(tmp_path):
+    result, ranks = torchrun(tmp_path, "plain")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = ranks
+    assert_equal_states(first["final"], second["final"])
+    started_apart = [n for n in first["initial"]
+                     if not torch.equal(first["initial"][n], second["initial"][n])]
+    assert started_apart  # each rank built its own model; DDP made them one
+    changed = [n for n in first["final"] if n.endswith("weight")
+               and not torch.equal(first["final"][n], first["initial"][n])]
+    assert changed
+    # losses and accuracies are summed over both processes, so both ranks record the same
+    assert untimed(first["records"]) == untimed(second["records"])
+    # 256 examples over two processes in batches of 32: 4 steps per epoch on each
+    assert [r["step"] for r in first["records"]] == [4, 8]
+    assert first["records"][-1]["val_accuracy"] > first["initial_val_accuracy"]
+    lines = (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    saved = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
+    assert len(saved["processes"]) == 2 and saved["position"]["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_a_jointly_trained_teacher_is_synchronised_too(tmp_path):
+    result, (first, second) = torchrun(tmp_path, "joint")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_equal_states(first["final"], second["final"])
+    assert_equal_states(first["teacher"], second["teacher"])
+    assert "teacher_ce" in first["records"][-1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_rank_stops_all_and_the_run_resumes_exactly(tmp_path):
+    whole, (expected, _) = torchrun(tmp_path, "plain")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped, messages = torchrun(tmp_path, "stop")
+    assert stopped.returncode != 0 and len(messages) == 2
+    assert all("resume=True" in m["message"] for m in messages)
+    assert torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["position"]["step"] == 6
+    resumed, (first, second) = torchrun(tmp_path, "resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_equal_states(first["final"], expected["final"])
+    assert_equal_states(second["final"], expected["final"])
+    assert untimed(first["records"]) == untimed(expected["records"])
+
+
+def test_single_process_is_not_distributed(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world = setup("cpu")
+    assert not world.enabled and world.is_main and world.device == torch.device("cpu")
+    assert world.all_reduce_sum([1.0, 2.0]) == [1.0, 2.0]
+    assert world.any(True) and not world.any(False)
