@@ -171,7 +171,8 @@ def compile_command(argv: list[str]) -> int:
     options = _quantization_options(args)
     if data is not None:
         calibration = training_run.calibration_batches(data, args.batch_size)
-        options.update(calib_data=calibration, bits=training_run.starting_bits(args))
+        training_run.check_progressive(args)
+        options.update(calib_data=calibration)
     result = manager.run(gm, example, ctx=ctx, **options)
     print("passes:")
     for record in ctx.records:

