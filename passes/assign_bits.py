@@ -18,6 +18,7 @@ import torch.fx as fx
 from qcompile.errors import ConfigError
 from qcompile.pipeline import PassContext, register_pass
 from qcompile.quant.allocation import allocate_bits
+from qcompile.quant.calibration import batches_for
 from qcompile.quant.layers import LayerSite, quantizable_layers
 from qcompile.quant.sensitivity import hessian_traces, sensitivity_table
 
@@ -42,7 +43,7 @@ def assign_bits(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if budget_size is not None and budget_bops is not None:
             raise ConfigError("give one budget: budget_size or budget_bops, not both")
         choices = _choices(ctx.option("bits_choices", "2,3,4,8"))
-        batches = _calibration_batches(ctx)
+        batches = batches_for(ctx, int(ctx.option("hessian_examples", 128)), "the Hessian estimate")
         traces = hessian_traces(gm, sites, batches, samples=int(ctx.option("hutchinson_samples", 16)))
         table = sensitivity_table(traces, sites, sorted(set(choices) | set(fixed.values())))
         options = [{b: s for b, s in row.items() if b in choices or fixed.get(i) == b}
@@ -70,19 +71,6 @@ def _cost_and_budget(sites: list[LayerSite], options, kind: str, fraction: float
         raise ConfigError("a BOPs budget needs layer shapes: run with example inputs")
     cost = [{b: site.macs * b * b for b in row} for site, row in zip(sites, options)]
     return cost, fraction * sum(site.macs * 32 * 32 for site in sites)
-
-
-def _calibration_batches(ctx: PassContext) -> list[tuple]:
-    batches = ctx.option("calib_data")
-    limit = int(ctx.option("hessian_batches", 2))
-    if batches is not None:
-        chosen = [b if isinstance(b, tuple) else (b,) for _, b in zip(range(limit), batches)]
-        if chosen:
-            return chosen
-    if ctx.example_inputs is None:
-        raise ConfigError("the sensitivity policy needs calibration data or example inputs")
-    ctx.note("no calibration data: Hessian estimated on the example inputs")
-    return [ctx.example_inputs]
 
 
 def _choices(value) -> list[int]:

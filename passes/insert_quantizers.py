@@ -18,7 +18,6 @@ falls back to LSQ for that input, and the pass record says so.
 import torch
 from torch import fx, nn
 
-from qcompile.errors import ConfigError
 from qcompile.fused import ConvBatchNorm
 from qcompile.pipeline import PassContext, register_pass
 from qcompile.quant.calibration import (
@@ -27,7 +26,7 @@ from qcompile.quant.calibration import (
     record_inputs,
     set_submodule,
 )
-from qcompile.quant.calibration import calibration_batches as shared_batches
+from qcompile.quant.calibration import batches_for
 from qcompile.quant.layers import LayerSite, float_weight, quantizable_layers
 from qcompile.quant.quantized_layer import QuantizedLayer
 from qcompile.quant.registry import get_method, make_quantizer
@@ -98,7 +97,8 @@ def _insert_input_nodes(gm: fx.GraphModule, sites: list[LayerSite]) -> dict[str,
 
 
 def _calibrate_inputs(gm, inputs: dict[str, fx.Node], method: str, ctx: PassContext) -> None:
-    seen = record_inputs(gm, list(inputs), calibration_batches(ctx))
+    batches = batches_for(ctx, int(ctx.option("calib_examples", 64)), "activation calibration")
+    seen = record_inputs(gm, list(inputs), batches)
     for name, node in inputs.items():
         bits = node.meta["quant_input"]["bits"]
         quantizer, fell_back = calibrated_activation_quantizer(method, bits, seen[name])
@@ -108,13 +108,3 @@ def _calibrate_inputs(gm, inputs: dict[str, fx.Node], method: str, ctx: PassCont
         node.meta["quant_input"].update(method=quantizer.method, signed=quantizer.signed)
 
 
-def calibration_batches(ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
-    """Up to ``calib_examples`` examples (64 by default) from ``calib_data``, else the example
-    inputs; each batch a tuple of model inputs."""
-    batches = shared_batches(ctx.option("calib_data"), int(ctx.option("calib_examples", 64)))
-    if batches:
-        return batches
-    if ctx.example_inputs is None:
-        raise ConfigError("insert-quantizers needs calibration data (calib_data) or example inputs")
-    ctx.note("no calibration data: activation ranges come from the example inputs")
-    return [ctx.example_inputs]

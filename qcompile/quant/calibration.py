@@ -32,6 +32,18 @@ def calibration_batches(calib_data: Iterable | None, limit: int = 64) -> list[tu
     return batches
 
 
+def batches_for(ctx, limit: int, purpose: str) -> list[tuple]:
+    """A pass's calibration batches: up to ``limit`` examples of the pipeline's ``calib_data``,
+    else the example inputs (noted in the pass record); ``purpose`` names the user in errors."""
+    batches = calibration_batches(ctx.option("calib_data"), limit)
+    if batches:
+        return batches
+    if ctx.example_inputs is None:
+        raise ConfigError(f"{purpose} needs calibration data (calib_data) or example inputs")
+    ctx.note(f"no calibration data: {purpose} uses the example inputs")
+    return [ctx.example_inputs]
+
+
 @torch.no_grad()
 def record_inputs(gm: fx.GraphModule, names: list[str], batches) -> dict[str, torch.Tensor]:
     """The input each submodule in ``names`` sees on ``batches``, concatenated over the batches.
