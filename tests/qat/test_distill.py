@@ -1,5 +1,4 @@
 import copy
-import functools
 
 import pytest
 import torch
@@ -7,24 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import qcompile
-from qcompile.data import load_builtin
 from qcompile.errors import ConfigError
 from qcompile.models import SmallCNN
 from qcompile.qat.distill import Distillation
+from real_data import digits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are small: one thread is as fast, and never fights other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@functools.cache
-def digits():
-    return load_builtin("digits")
 
 
 def teacher_and_student(seed=0):

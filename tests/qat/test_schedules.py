@@ -1,4 +1,3 @@
-import functools
 import math
 
 import pytest
@@ -7,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import qcompile
-from qcompile.data import load_builtin
 from qcompile.errors import ConfigError
 from qcompile.fused import ConvBatchNorm
 from qcompile.models import SmallCNN
@@ -28,27 +26,12 @@ from qcompile.qat.schedules import (
 from qcompile.qat.state import Schedule, TrainState
 from qcompile.quant import Quantizer
 from qcompile.quant.layers import quantizable_layers
+from real_data import digits, digits_calibration as calib
 
 MIDDLE = ["features.1.0", "features.2.0"]
 EDGES = ["features.0.0", "classifier"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are small: one thread is as fast, and never fights other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@functools.cache
-def digits():
-    return load_builtin("digits")
-
-
-def calib():
-    return [(digits().train_x[:64],)]
 
 
 def float_model(seed=0):

@@ -17,13 +17,6 @@ from tiny_runs import (RandomToggle, assert_same_weights, digits, quantized_mode
                        train_pair, val_pair, weights)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on a shared two-core machine can be many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_quantized_small_cnn_learns_digits():

@@ -1,20 +1,13 @@
 """Small real training runs shared by the training-loop tests: digits, a tiny quantized CNN."""
 
-import functools
-
 import torch
 from torch import nn
 
 import qcompile
-from qcompile.data import load_builtin
 from qcompile.fused import ConvBatchNorm
 from qcompile.qat import Schedule, TrainState
 from qcompile.quant import Quantizer
-
-
-@functools.cache
-def digits():
-    return load_builtin("digits")
+from real_data import digits  # noqa: F401  (re-exported to the tests)
 
 
 def train_pair(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,3 @@
-import functools
 
 import pytest
 import torch
@@ -7,32 +6,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qcompile
-from qcompile.data import load_builtin
 from qcompile.errors import ConfigError
 from qcompile.models import SmallCNN
 from qcompile.quant import Quantizer, make_quantizer
 from qcompile.quant.layers import quantizable_layers
 from qcompile.quant.requantize import recalibrate, requantize
+from real_data import digits, digits_calibration as calib
 
 LAYERS = ["features.0.0", "features.1.0", "features.2.0", "classifier"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are small: one thread is as fast, and never fights other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@functools.cache
-def digits():
-    return load_builtin("digits")
-
-
-def calib():
-    return [(digits().train_x[:64],)]
 
 
 def quantized(method="lsq", bits=2, seed=0, model=None):
