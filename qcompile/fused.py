@@ -28,6 +28,23 @@ FOLDABLE_PAIRS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
 """Layer types and the batch-norm type that may follow each of them."""
 
 
+@torch.library.custom_op("qcompile::snapshot", mutates_args=())
+def snapshot(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` that a compiled backward keeps rather than recomputes.
+
+    ``x.clone()`` is not enough under ``torch.compile``: the partitioner may recompute a clone
+    in the backward from ``x`` itself, after an in-place update later in the forward has changed
+    it (a silently wrong gradient). An operator of our own is outside the set it recomputes, so
+    the copy made in the forward is the one saved.
+    """
+    return x.clone()
+
+
+@snapshot.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 @register_leaf_type
 class ConvBatchNorm(nn.Module):
     """A Conv1d, Conv2d (any groups) or Linear followed by its BatchNorm, folded for QAT.
@@ -52,11 +69,11 @@ class ConvBatchNorm(nn.Module):
     def fold_factor(self) -> torch.Tensor:
         """Per output channel ``gamma / sqrt(running_var + eps)``.
 
-        Reads a copy of the running variance: the batch norm updates it in place later in the
-        same forward, and a compiled backward may otherwise keep the original for its gradient.
+        Reads a :func:`snapshot` of the running variance: the batch norm updates it in place
+        later in the same forward, and the backward must see the value the forward used.
         """
         gamma = self.bn.weight if self.bn.weight is not None else 1.0
-        return gamma * torch.rsqrt(self.bn.running_var.clone() + self.bn.eps)
+        return gamma * torch.rsqrt(snapshot(self.bn.running_var) + self.bn.eps)
 
     def folded_weight(self) -> torch.Tensor:
         weight = self.layer.weight

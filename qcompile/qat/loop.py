@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from qcompile.errors import TrainingInterrupted
@@ -39,6 +40,7 @@ class RunConfig:
     optim: OptimConfig
     progress: bool
     checkpoint: Path | None
+    compile: bool = False
 
 
 class Run(Session):
@@ -123,6 +125,8 @@ class Run(Session):
         self.lr_schedule = make_lr_schedule(self.optimizer, self.config.optim,
                                             self.state.total_steps, self.state.step)
         self.forward_model = self.world.wrap(self.model)
+        if self.config.compile:
+            self.forward_model = compiled(self.forward_model)
         if self.distillation is not None and hasattr(self.distillation, "attach"):
             self.distillation.attach(self.model)
 
@@ -268,6 +272,20 @@ class Run(Session):
         log.warning(message)
         saved = str(path) if path is not None and path.is_file() else None
         raise TrainingInterrupted(message, checkpoint=saved) from None
+
+
+def compiled(module: nn.Module) -> nn.Module:
+    """``module``'s training forward compiled by ``torch.compile`` (inductor), with static shapes.
+
+    The wrapper only calls ``module``, whose state (parameters, buffers, flags the schedules set)
+    stays the one the run saves and loads. DDP goes inside it, as the torch.compile docs ask.
+    Static shapes give every batch size its own graph (the short last batch compiles once), so
+    which graph a full batch runs never depends on the batch sizes seen before, in this process
+    or in a resumed one, which keeps resumed runs bit for bit. Changed module settings (a
+    quantizer switched off, hard mode, frozen batch norm, new quantizers) recompile as guards
+    fail; beyond dynamo's recompile limit a new combination runs eagerly.
+    """
+    return torch.compile(module, dynamic=False)
 
 
 class _StopRequested(Exception):

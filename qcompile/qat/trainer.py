@@ -46,6 +46,7 @@ def train(
     progress: bool = True,
     calib_data: Iterable | None = None,
     device: str | torch.device | None = None,
+    compile: bool = False,
 ) -> History:
     """Train the quantized graph ``qmodel`` in place; return the per-epoch :class:`History`.
 
@@ -65,6 +66,13 @@ def train(
     boundary, saves a checkpoint there and raises :class:`~qcompile.errors.TrainingInterrupted`.
     Under ``torchrun`` the run is data-parallel (DDP), rank 0 logs and checkpoints. A fresh run
     seeds the global RNGs with ``seed`` (plus the rank); the model is left in eval mode.
+
+    ``compile=True`` runs the training forward (and so its backward) through ``torch.compile``
+    (inductor): on a small network the quantizers' many small elementwise operations cost more
+    in dispatch than in arithmetic, and fused they cost little. The first steps and every batch
+    size or module setting not seen before wait for a compilation; the model, its state dict
+    and the checkpoints stay those of ``qmodel``, so a compiled run resumes exactly (when it
+    resumes compiled). Validation runs eagerly.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
@@ -87,7 +95,7 @@ def train(
     try:
         config = RunConfig(epochs, seed, grad_clip, optim, progress,
                            None if checkpoint_dir is None else checkpoint.checkpoint_path(
-                               checkpoint_dir))
+                               checkpoint_dir), compile)
         if schedules is None:
             from qcompile.qat.schedules import default_schedules
 

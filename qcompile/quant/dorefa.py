@@ -77,11 +77,17 @@ class DoReFaWeightQuantizer(Quantizer):
         self.register_buffer("magnitude", torch.ones(self.channels))
 
     def measure(self, x: torch.Tensor) -> torch.Tensor:
-        """The normalizer of ``x``: ``max|tanh(x)|`` (k >= 2) or ``E(|x|)`` (k = 1), per channel."""
+        """The normalizer of ``x``: ``max|tanh(x)|`` (k >= 2) or ``E(|x|)`` (k = 1), per channel.
+
+        The maximum's gradient goes to the element ``max`` picks (one of them, at a tie). The
+        even split ``amax`` gives ties finds them again in the backward by comparing with the
+        maximum, which a compiled backward that recomputes ``x`` may not reproduce bit for bit:
+        it then finds none and divides by zero.
+        """
         rows = self.channel_rows(x)
         if self.bits == 1:
             return rows.detach().abs().mean(dim=1)
-        return torch.tanh(rows).abs().amax(dim=1)
+        return torch.tanh(rows).abs().max(dim=1).values
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:

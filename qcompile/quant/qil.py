@@ -122,10 +122,17 @@ class QILQuantizer(Quantizer):
             return self._spec(*(p.detach().clone() for p in self.interval()))
 
     def transformed(self, x, c, d, gamma) -> torch.Tensor:
-        """The transformer's output in [0, 1] for ``|x|`` (signed) or ``x``: 0 pruned, 1 clipped."""
+        """The transformer's output in [0, 1] for ``|x|`` (signed) or ``x``: 0 pruned, 1 clipped.
+
+        Without a learned ``gamma`` (activations) the transformer is linear and the power, whose
+        value and gradient at ``gamma = 1`` are the base and 1 exactly, is left out: it would
+        cost an ``exp`` and a ``log`` for every element in the forward and again in the backward.
+        """
         magnitude = x.abs() if self.signed else x
         base = (0.5 / d) * magnitude + (0.5 - 0.5 * c / d)
         inside = (base > 0) & (base < 1)
+        if not self.learn_gamma:
+            return torch.where(inside, base, (base >= 1).to(base.dtype))
         safe = torch.where(inside, base, torch.full_like(base, 0.5))
         return torch.where(inside, safe**gamma, (base >= 1).to(base.dtype))
 

@@ -58,6 +58,8 @@ from qcompile.quant.fit import best_steps
 from qcompile.quant.registry import register_method
 
 MIN_SCALE = 1e-8
+UNROLLED_STEPS = 32
+"""Below this many thresholds :meth:`QNQuantizer.soft` adds its sigmoids one at a time."""
 
 
 class QNQuantizer(Quantizer):
@@ -119,12 +121,26 @@ class QNQuantizer(Quantizer):
         return self._spec(alpha.detach().clone(), beta.detach().clone(), biases)
 
     def soft(self, x: torch.Tensor, alpha, beta) -> torch.Tensor:
-        """``alpha * (v_0 + sum_i s_i * sigmoid(T * (beta * x - b_i)))`` (Sec. 3.2)."""
+        """``alpha * (v_0 + sum_i s_i * sigmoid(T * (beta * x - b_i)))`` (Sec. 3.2).
+
+        Fewer than :data:`UNROLLED_STEPS` sigmoids are added one by one, each an elementwise
+        operation on ``x``: there is then no (elements, thresholds) temporary, whose memory
+        traffic dominates in eager mode and whose gradient for the biases ``torch.compile``
+        turns into a slow strided reduction.
+        """
         shape = self.param_shape(x)
+        scaled = beta.reshape(shape) * x
         biases = self.biases.reshape(*shape, -1)
-        steps = torch.sigmoid(self.temperature * ((beta.reshape(shape) * x).unsqueeze(-1) - biases))
-        total = (steps * self.step_heights()).sum(dim=-1) + self.values[0]
-        return alpha.reshape(shape) * total
+        heights = self.step_heights()
+        if biases.shape[-1] < UNROLLED_STEPS:
+            total = torch.zeros_like(scaled)
+            for k in range(biases.shape[-1]):
+                total = total + heights[k] * torch.sigmoid(self.temperature
+                                                           * (scaled - biases[..., k]))
+        else:
+            steps = torch.sigmoid(self.temperature * (scaled.unsqueeze(-1) - biases))
+            total = (steps * heights).sum(dim=-1)
+        return alpha.reshape(shape) * (total + self.values[0])
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         alpha, beta = self.scales()
