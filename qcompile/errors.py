@@ -34,6 +34,18 @@ class NotDeployableError(QcompileError):
     """A quantized layer cannot state its integer meaning, so no backend can compile it."""
 
 
+class IntegerizeError(QcompileError):
+    """A quantized graph, or part of one, cannot be turned into integer operations."""
+
+
+class ArtifactError(QcompileError):
+    """A ``.qc`` artifact cannot be written, read or run (missing, corrupt, another version)."""
+
+
+class InputError(QcompileError):
+    """An input given to a compiled model has the wrong shape or dtype."""
+
+
 class TrainingInterrupted(QcompileError):
     """Training was stopped (Ctrl-C, SIGTERM); ``checkpoint`` is where progress was saved, if any.
 

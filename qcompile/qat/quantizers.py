@@ -2,23 +2,28 @@
 
 ``insert-quantizers`` gives every quantized layer a ``weight_quantizer`` and puts an activation
 quantizer, under the ``input_quantizers`` submodule, on each layer input (shared by the layers
-that read one tensor at one bit-width). A schedule switches them by role (weights, activations),
+that read one tensor at one bit-width); ``quantize-boundaries`` adds ``boundary_quantizers`` on
+residual operands and pool inputs (activations too, but of no layer: stochastic precision's
+per-layer switching leaves them on). A schedule switches them by role (weights, activations),
 by layer (a layer's weight quantizer with its input's), or by capability (a temperature).
 """
 
 from torch import fx, nn
 
 from qcompile.quant.base import Quantizer
-from qcompile.quant.calibration import INPUT_QUANTIZERS
+from qcompile.quant.calibration import BOUNDARY_QUANTIZERS, INPUT_QUANTIZERS
 from qcompile.quant.layers import quantizable_layers
 
 
 def activation_quantizers(gm: nn.Module) -> list[Quantizer]:
-    """The quantizers on layer inputs (the ``input_quantizers.*`` modules)."""
-    container = getattr(gm, INPUT_QUANTIZERS, None)
-    if container is None:
-        return []
-    return [module for module in container.children() if isinstance(module, Quantizer)]
+    """The quantizers of activations: on layer inputs (``input_quantizers.*``), then on residual
+    operands and pool inputs (``boundary_quantizers.*``)."""
+    found = []
+    for name in (INPUT_QUANTIZERS, BOUNDARY_QUANTIZERS):
+        container = getattr(gm, name, None)
+        if container is not None:
+            found += [m for m in container.children() if isinstance(m, Quantizer)]
+    return found
 
 
 def weight_quantizers(gm: nn.Module) -> list[Quantizer]:

@@ -62,15 +62,58 @@ def threshold_index(x: torch.Tensor, thresholds: torch.Tensor, axis: int | None)
     """How many of the non-decreasing ``thresholds`` each element of ``x`` reaches (``x >= t``).
 
     ``thresholds`` is 1-D (per tensor) or (C, n), one row per channel along ``axis`` of ``x``.
-    A binary search, so an 8-bit staircase costs no 255-fold temporary.
+    Eager: ``torch.searchsorted``, a binary search, so an 8-bit staircase costs no 255-fold
+    temporary. Under ``torch.compile`` the same count is written in elementwise operations that
+    inductor fuses with the code around it (its CPU backend runs a search as an opaque call over
+    the whole tensor): see :func:`_fused_index`.
     """
     dtype = torch.promote_types(x.dtype, thresholds.dtype)
     x, thresholds = x.to(dtype), thresholds.to(device=x.device, dtype=dtype)
+    if torch.compiler.is_compiling():
+        return _fused_index(x, thresholds, axis)
     if thresholds.dim() == 1 or thresholds.shape[0] == 1:
         return torch.searchsorted(thresholds.reshape(-1), x.contiguous(), right=True)
     rows = x.movedim(axis, 0).reshape(thresholds.shape[0], -1)
     index = torch.searchsorted(thresholds.contiguous(), rows.contiguous(), right=True)
     return index.reshape(x.movedim(axis, 0).shape).movedim(0, axis)
+
+
+UNROLLED_THRESHOLDS = 32
+"""Below this many thresholds :func:`_fused_index` compares with each, from it on it searches."""
+
+
+def _fused_index(x: torch.Tensor, thresholds: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """:func:`threshold_index` as elementwise operations: the count of thresholds ``t`` with
+    ``not x < t`` (so NaN reaches all of them, as it does in ``searchsorted``), by one compare per
+    threshold when they are few, else by a branchless binary search over the row padded with
+    ``inf`` to ``2**m - 1`` entries (``m`` steps, each a compare with one looked-up threshold).
+
+    The rows are sorted first, which leaves non-decreasing rows as they are (up to the order of
+    ``-0.0`` and ``0.0``, which compare equal) but makes inductor compute the table once: left as
+    an expression of the quantizer's parameters it would be inlined, and recomputed (``pow`` and
+    all) for every element it is compared with.
+    """
+    count = thresholds.shape[-1]
+    table = thresholds.reshape(-1, count).sort(dim=-1).values
+    channels = table.shape[0]
+    shape = [1] * x.dim()
+    if channels > 1:
+        shape[axis % x.dim()] = channels
+    if count < UNROLLED_THRESHOLDS:
+        index = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+        for k in range(count):
+            index = index + (~(x < table[:, k].reshape(shape))).to(torch.int64)
+        return index
+    steps = count.bit_length()
+    width = 2**steps - 1
+    padded = torch.cat([table, table.new_full((channels, width - count), float("inf"))], dim=1)
+    offset = (torch.arange(channels, device=x.device) * width).reshape(shape)
+    flat = padded.reshape(-1)
+    index = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+    for step in reversed(range(steps)):
+        probe = index + 2**step
+        index = torch.where(~(x < flat[offset + probe - 1]), probe, index)
+    return index.clamp_max(count)
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,7 +125,9 @@ class IntegerSpec:
     ``thresholds`` is None; ``codes`` must then be a contiguous range) or by thresholds:
     ``codes[k]`` where ``k`` counts the thresholds ``t`` with ``x >= t`` (``thresholds`` holds
     ``len(codes) - 1`` non-decreasing values, per channel when 2-D). A code's float value is
-    ``(code - zero_point) * scale``, unless ``values`` lists a (non-uniform) value per code.
+    ``(code - zero_point) * scale``, unless ``values`` lists a (non-uniform) value per code;
+    ``levels`` then gives the integer each code stands for, ``values == levels * scale`` (an
+    integer layer multiplies those integers and scales the sum once).
     ``scale``, ``zero_point``, ``thresholds`` and ``values`` are per channel along ``axis`` of the
     quantized tensor when their first dimension is the channel count, else per tensor.
     """
@@ -94,9 +139,10 @@ class IntegerSpec:
     axis: int | None = None
     thresholds: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    levels: torch.Tensor | None = None
 
     def __post_init__(self):
-        if self.thresholds is not None:
+        if self.thresholds is not None and not torch.compiler.is_compiling():
             if self.thresholds.shape[-1] != len(self.codes) - 1:
                 raise ValueError("IntegerSpec needs len(codes) - 1 thresholds per channel")
             if bool((self.thresholds[..., 1:] < self.thresholds[..., :-1]).any()):

@@ -17,6 +17,8 @@ from qcompile.quant.registry import make_quantizer
 
 INPUT_QUANTIZERS = "input_quantizers"
 """The submodule of a quantized graph that holds the quantizer of every layer input."""
+BOUNDARY_QUANTIZERS = "boundary_quantizers"
+"""The submodule that holds the quantizers of residual-add and cat operands and pool inputs."""
 
 
 def calibration_batches(calib_data: Iterable | None, limit: int = 64) -> list[tuple]:
@@ -68,7 +70,15 @@ def record_inputs(gm: fx.GraphModule, names: list[str], batches) -> dict[str, to
     missing = [name for name, values in seen.items() if not values]
     if missing:
         raise ConfigError(f"calibration never reached {missing}; check the calibration inputs")
-    return {name: torch.cat(values) for name, values in seen.items()}
+    return {name: _joined(values) for name, values in seen.items()}
+
+
+def _joined(values: list[torch.Tensor]) -> torch.Tensor:
+    """What a module saw over its calls: batches joined, flattened when the calls' shapes
+    differ (a quantizer shared by the operands of a concatenation)."""
+    if all(v.shape[1:] == values[0].shape[1:] for v in values):
+        return torch.cat(values)
+    return torch.cat([v.reshape(-1) for v in values])
 
 
 def activation_quantizer(

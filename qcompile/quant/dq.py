@@ -21,8 +21,10 @@ which is what re-assigns weights to levels. The levels start at the 1-D k-means 
 weights (the levels of least squared error), so training starts from the best fixed quantizer.
 Integer meaning: codes ``0..2^b - 1`` (``-2^(b-1)..2^(b-1) - 1`` signed) selected by the
 thresholds ``t_j``, with a ``values`` table per code (per channel). Non-uniform levels cannot be
-one integer code times one scale; a backend evaluates a dot product with them as
-``sum_k v_k * (sum of the inputs whose weight has code k)``, or from the table directly. Each
+one integer code times one scale, so for deployment the levels live on a per-channel integer grid:
+``v_k = n_k * g`` with integers ``|n_k| <= 127`` and ``g = max_k |v_k| / 127`` (the forward uses
+these snapped levels, the latent levels get their gradient straight through), and the spec's
+``levels`` carry the ``n_k``: an integer layer multiplies 8-bit integers looked up by code. Each
 threshold is kept strictly above the level below it, so a level re-quantizes to itself.
 
 Activations: channel-aware quantization. A per-tensor activation quantizer fit to the total
@@ -51,12 +53,30 @@ weights, whose accumulation sums over the channels — so per tensor is the depl
 import torch
 from torch import nn
 
-from qcompile.quant.base import IntegerSpec, Quantizer, replace_gradient, round_ste
+from qcompile.quant.base import (
+    IntegerSpec,
+    Quantizer,
+    replace_gradient,
+    round_ste,
+    threshold_index,
+)
 from qcompile.quant.fit import candidate_steps, kmeans_1d, rounding_errors, sample_columns
 from qcompile.quant.registry import register_method
 
 MIN_STEP = 1e-8
 FEATURE_AXIS = 1
+LEVEL_GRID = 127
+"""Weight levels are integers in ``-LEVEL_GRID..LEVEL_GRID`` times a per-channel scale."""
+
+
+def snap_levels(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Levels (C, K) on their integer grid: the snapped levels (gradient passed straight to
+    ``levels``), the integers ``n`` (C, K) and the grid step ``g`` (C,), ``snapped == n * g``."""
+    with torch.no_grad():
+        grid = (levels.abs().amax(dim=1) / LEVEL_GRID).clamp_min(MIN_STEP)
+        integers = torch.round(levels / grid[:, None]).clamp(-LEVEL_GRID, LEVEL_GRID)
+        snapped = integers * grid[:, None]
+    return replace_gradient(snapped, levels), integers.to(torch.int64), grid
 
 
 def separating_thresholds(levels: torch.Tensor) -> torch.Tensor:
@@ -93,31 +113,31 @@ class DQWeightQuantizer(Quantizer):
         self.levels = nn.Parameter(grid.repeat(self.channels, 1))
 
     def sorted_levels(self) -> torch.Tensor:
-        return self.levels.sort(dim=-1).values
-
-    def _spec(self, levels: torch.Tensor) -> IntegerSpec:
-        thresholds = separating_thresholds(levels)
-        if not self.per_channel:
-            levels, thresholds = levels[0], thresholds[0]
-        ones = torch.ones(self.channels, dtype=levels.dtype)
-        zero = torch.zeros(self.channels, dtype=torch.int64)
-        axis = self.channel_axis if self.per_channel else None
-        return IntegerSpec(self.bits, self.codes.clone(), ones, zero, axis,
-                           thresholds=thresholds, values=levels)
+        """The levels in ascending order, snapped to their integer grid (:func:`snap_levels`)."""
+        return snap_levels(self.levels.sort(dim=-1).values)[0]
 
     def integer_spec(self) -> IntegerSpec:
-        """Codes selected by thresholds between the levels; ``values`` is the level table."""
-        return self._spec(self.sorted_levels().detach().clone())
+        """Codes selected by thresholds between the snapped levels; ``values`` is the level
+        table, ``levels`` its integers on the per-channel grid ``scale``."""
+        values, integers, grid = snap_levels(self.levels.detach().sort(dim=-1).values)
+        thresholds = separating_thresholds(values)
+        if not self.per_channel:
+            values, thresholds, integers = values[0], thresholds[0], integers[0]
+        zero = torch.zeros(self.channels, dtype=torch.int64)
+        axis = self.channel_axis if self.per_channel else None
+        return IntegerSpec(self.bits, self.codes.clone(), grid.clone(), zero, axis,
+                           thresholds=thresholds.clone(), values=values.clone(), levels=integers)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The level each weight selects: the lookup ``spec.dequantize(spec.quantize(x))``
+        makes, as one gather from the level table that also carries the levels' gradient."""
         levels = self.sorted_levels()
         with torch.no_grad():
-            spec = self._spec(levels.detach())
-            codes = spec.quantize(x)
-            value = spec.dequantize(codes).to(x.dtype)
+            thresholds = separating_thresholds(levels.detach())
+            index = threshold_index(x, thresholds, self.channel_axis if self.per_channel else None)
         axis = self.channel_axis % x.dim() if self.per_channel else None
-        selected = gather_levels(levels, codes - self.codes[0], axis)
-        return replace_gradient(value, selected + (x - x.detach()))
+        selected = gather_levels(levels, index, axis)
+        return replace_gradient(selected.detach().to(x.dtype), selected + (x - x.detach()))
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:

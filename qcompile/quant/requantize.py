@@ -21,6 +21,7 @@ from torch import fx, nn
 from qcompile.errors import ConfigError
 from qcompile.quant.base import Quantizer
 from qcompile.quant.calibration import (
+    BOUNDARY_QUANTIZERS,
     INPUT_QUANTIZERS,
     activation_quantizer,
     calibrated_activation_quantizer,
@@ -180,8 +181,7 @@ def _samples(gm, names, calib_data, calib_examples) -> dict[str, torch.Tensor]:
     if not batches:
         raise ConfigError("no calibration batches to initialize the activation quantizers from: "
                           "pass calib_data, an iterable of model input tuples")
-    bypassed = [m for m in gm.get_submodule(INPUT_QUANTIZERS).children()
-                if isinstance(m, Quantizer) and m.enabled]
+    bypassed = [m for m in _activation_quantizers(gm).values() if m.enabled]
     for module in bypassed:
         module.enabled = False
     try:
@@ -189,6 +189,17 @@ def _samples(gm, names, calib_data, calib_examples) -> dict[str, torch.Tensor]:
     finally:
         for module in bypassed:
             module.enabled = True
+
+
+def _activation_quantizers(gm: fx.GraphModule) -> dict[str, Quantizer]:
+    """Every activation quantizer by module path: layer inputs, then boundary operands."""
+    found = {}
+    for container in (INPUT_QUANTIZERS, BOUNDARY_QUANTIZERS):
+        if hasattr(gm, container):
+            found.update({f"{container}.{name}": module for name, module
+                          in gm.get_submodule(container).named_children()
+                          if isinstance(module, Quantizer)})
+    return found
 
 
 def _layer_method(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -217,18 +228,16 @@ def recalibrate(
     names: list[str] | None = None,
     calib_examples: int = 64,
 ) -> list[str]:
-    """Re-initialize input quantizers in place from the inputs ``calib_data`` now produces.
+    """Re-initialize activation quantizers in place from the inputs ``calib_data`` now produces.
 
-    ``names`` are module paths of ``input_quantizers.*`` modules (all of them by default). The
-    inputs are recorded as in :func:`requantize` (every input quantizer bypassed), and each
+    ``names`` are module paths of ``input_quantizers.*`` and ``boundary_quantizers.*`` modules
+    (all of them by default). The inputs are recorded as in :func:`requantize` (every
+    activation quantizer bypassed), and each
     quantizer's :meth:`~qcompile.quant.base.Quantizer.initialize` sets its parameters from them:
     the ranges of a network whose weights have trained since the quantizers were calibrated.
     Returns the paths re-initialized.
     """
-    container = gm.get_submodule(INPUT_QUANTIZERS)
-    names = names if names is not None else [
-        f"{INPUT_QUANTIZERS}.{name}" for name, module in container.named_children()
-        if isinstance(module, Quantizer)]
+    names = names if names is not None else list(_activation_quantizers(gm))
     samples = _samples(gm, names, calib_data, calib_examples)
     with torch.no_grad():
         for name in names:

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from qcompile.quant import get_method, make_quantizer
-from qcompile.quant.dq import DQActivationQuantizer, DQWeightQuantizer, separating_thresholds
+from qcompile.quant.dq import (
+    LEVEL_GRID,
+    DQActivationQuantizer,
+    DQWeightQuantizer,
+    separating_thresholds,
+    snap_levels,
+)
 from qcompile.quant.fit import candidate_steps, rounding_errors
 
 
@@ -36,12 +42,28 @@ def test_registered_with_both_roles():
 def test_weights_select_the_nearest_level():
     q = set_levels(make_quantizer("dq", "weight", 2, signed=True), [-0.9, -0.1, 0.2, 1.1])
     w = torch.linspace(-2, 2, 4001)
-    levels = torch.tensor([-0.9, -0.1, 0.2, 1.1])
+    levels = snap_levels(torch.tensor([[-0.9, -0.1, 0.2, 1.1]]))[0][0]
     nearest = levels[(w.unsqueeze(-1) - levels).abs().argmin(-1)]
     midpoints = (levels[1:] + levels[:-1]) / 2
     off_tie = ~torch.isclose(w.unsqueeze(-1), midpoints, atol=1e-6).any(-1)
     assert torch.equal(q(w)[off_tie], nearest[off_tie])
     assert q.integer_spec().codes.tolist() == [-2, -1, 0, 1]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_levels_are_integers_on_a_grid_of_each_channel(per_channel):
+    """Deployment multiplies integers: every level is an integer of at most 8 bits times the
+    channel's grid step, the largest level reaches the end of the grid, and the values the
+    forward selects are exactly those products."""
+    q = make_quantizer("dq", "weight", 3, signed=True, per_channel=per_channel, channels=4)
+    w = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    q.initialize(w)
+    spec = q.integer_spec()
+    grid = spec.scale.reshape(-1, 1) if per_channel else spec.scale[:1]
+    assert spec.levels.dtype == torch.int64 and int(spec.levels.abs().max()) == LEVEL_GRID
+    assert torch.equal(spec.values, spec.levels.to(grid.dtype) * grid)
+    assert torch.equal(q(w), spec.dequantize(spec.quantize(w)))
+    assert set(q(w).unique().tolist()) <= set(spec.values.flatten().tolist())
 
 
 def test_level_gradient_is_the_sum_over_the_weights_of_each_level():
@@ -104,7 +126,8 @@ def test_levels_quantize_to_themselves_even_when_adjacent_in_float():
     thresholds = separating_thresholds(levels)
     assert bool((thresholds[1:] >= thresholds[:-1]).all())
     q = set_levels(make_quantizer("dq", "weight", 2, signed=True), levels)
-    assert torch.equal(q(levels), levels)
+    snapped = q.integer_spec().values
+    assert torch.equal(q(snapped), snapped)
 
 
 def test_channel_aware_step_serves_the_majority_of_channels():

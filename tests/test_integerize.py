@@ -1,0 +1,209 @@
+"""integerize + the reference backend against the simulated model, layer by layer.
+
+Every method at W2A2, W4A4 and W8A8 (first and last layer 8-bit) on the small CNN, torchvision's
+resnet18 and mobilenet_v2 (random weights, randomized batch-norm statistics, calibrated
+quantizers), and the small CNN after a short QAT on mnist5k: the integer activations equal the
+simulated model's on >= 99.99% of elements per layer, differ by at most 1 LSB and only at
+rounding ties, and the output argmax agrees everywhere.
+"""
+
+import functools
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import qcompile
+from qcompile import integer_ir as ir
+from qcompile.data import load_builtin
+from qcompile.errors import IntegerizeError
+from qcompile.models import SmallCNN
+from qcompile.quant import Quantizer, available_methods
+
+METHODS = available_methods()
+BITS = [2, 4, 8]
+
+
+def randomize_batch_norms(model: nn.Module, seed: int) -> nn.Module:
+    """Statistics and affine parameters far from the identity, negative scales included."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            c = module.num_features
+            module.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+            module.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen))
+            module.weight.data.copy_((torch.rand(c, generator=gen) + 0.5)
+                                     * torch.where(torch.rand(c, generator=gen) < 0.1, -1, 1))
+            module.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
+    return model
+
+
+@functools.cache
+def images(kind: str) -> torch.Tensor:
+    if kind == "small":
+        return load_builtin("mnist5k").test_x[:16]
+    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def quantized(arch: str, method: str, bits: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if arch == "small":
+        model, x = SmallCNN(1, 10), images("small")
+    else:
+        model, x = getattr(torchvision.models, arch)(weights=None), images("imagenet")
+    randomize_batch_norms(model, seed=bits)
+    qm = qcompile.quantize(model.eval(), (x[:1],), bits=bits, method=method, calib_data=[(x,)])
+    return qm, x
+
+
+def assert_faithful(qm, x, dtype=torch.float64, min_match=0.9999):
+    """In float64 (the precision integerize takes the model at) every difference must be a
+    rounding tie of an activation; in float32 a weight can also sit on a rounding tie (its code
+    then differs between the float32 model and the float64 one), so only the size and number
+    of differences are bounded."""
+    integer_graph = qcompile.integerize(qm)
+    report = qcompile.verify(qm, integer_graph, x, dtype=dtype)
+    assert report.layers, "no integer activations compared"
+    if dtype == torch.float64:
+        assert report.unexplained == 0, report.format()
+    assert report.max_lsb <= 1, report.format()
+    assert report.min_match_fraction >= min_match, report.format()
+    assert report.argmax_agreement == 1.0, report.format()
+    return integer_graph, report
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("method", METHODS)
+def test_small_cnn_integer_activations_equal_the_simulated_ones(method, bits):
+    qm, x = quantized("small", method, bits)
+    integer_graph, _ = assert_faithful(qm, x)
+    # float32, as the model trains: differences stay rare and at most 1 LSB
+    assert_faithful(qm, x, dtype=torch.float32, min_match=0.999)
+    layers = integer_graph.layers()
+    assert [op.weight.bits for op in layers] == [8, bits, bits, 8]
+    assert all(op.weight.integers.dtype == torch.int64 for op in layers)
+
+
+@pytest.mark.parametrize(("arch", "method", "bits"), [
+    ("resnet18", "qil", 2), ("mobilenet_v2", "lsq", 4)])
+def test_torchvision_models_integer_activations_equal_the_simulated_ones(arch, method, bits):
+    qm, x = quantized(arch, method, bits)
+    assert_faithful(qm, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_every_method_on_torchvision_models(arch, method, bits):
+    qm, x = quantized(arch, method, bits)
+    assert_faithful(qm, x)
+
+
+@pytest.mark.parametrize("method", ["lsq", "qil"])
+def test_small_cnn_after_qat_on_mnist5k(method):
+    data = load_builtin("mnist5k")
+    torch.manual_seed(0)
+    qm = qcompile.quantize(SmallCNN(1, 10, width=8), (data.train_x[:1],), bits=2, method=method,
+                           calib_data=[(data.train_x[:128],)])
+    history = qcompile.train(qm, (data.train_x[:1024], data.train_y[:1024]),
+                             (data.test_x[:256], data.test_y[:256]), epochs=1, lr=3e-3,
+                             batch_size=64, progress=False)
+    assert history.final_val_accuracy > history.initial_val_accuracy
+    _, report = assert_faithful(qm, data.test_x[:256])
+    assert report.argmax_agreement == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("lsq", "qil")])
+def test_small_cnn_after_qat_every_other_method(method):
+    test_small_cnn_after_qat_on_mnist5k(method)
+
+
+def test_integer_layers_hold_only_integers_and_match_float_layers():
+    """The accumulator times its scale plus bias is the simulated layer's float output."""
+    qm, x = quantized("small", "lsq", 4)
+    integer_graph = qcompile.integerize(qm)
+    values = integer_graph.integer_activations(x)
+    simulated = {}
+    hooks = [qm.get_submodule(op.layer).register_forward_hook(
+        lambda m, a, out, name=op.name: simulated.__setitem__(name, out))
+        for op in integer_graph.layers()]
+    with torch.no_grad():
+        for q in qm.modules():
+            if isinstance(q, Quantizer):
+                q.set_hard(True)
+        qm.eval()(x)
+    for hook in hooks:
+        hook.remove()
+    for op in integer_graph.layers():
+        v = values[op.name]
+        assert v.dtype == torch.int64 and int(v.abs().max()) <= integer_graph.values[op.name].bound
+        acc = integer_graph.values[op.name]
+        shape = [1, -1] + [1] * (v.dim() - 2)
+        y = v.double() * acc.scale.reshape(shape) + acc.bias.reshape(shape)
+        torch.testing.assert_close(y.float(), simulated[op.name], rtol=1e-4, atol=1e-4)
+
+
+def test_requantization_uses_fixed_point_where_exact():
+    qm, x = quantized("small", "lsq", 4)
+    integer_graph = qcompile.integerize(qm)
+    requantize = [op for op in integer_graph.ops if isinstance(op, ir.Requantize)]
+    fixed = [op for op in requantize if op.fixed_point is not None]
+    assert fixed, "no affine requantization found a fixed-point form"
+    values = integer_graph.integer_activations(x)
+    from qcompile.requantization import apply_staircase
+    for op in fixed:
+        source = values[op.input]
+        fmt = integer_graph.values[op.input]
+        if isinstance(fmt, ir.CodeFormat):
+            source = fmt.levels[source]
+        assert torch.equal(values[op.name] if op.name in values else values[op.name],
+                           apply_staircase(source, op.thresholds, op.direction))
+
+
+def test_size_report_counts_packed_bytes():
+    qm, _ = quantized("small", "qil", 2)
+    integer_graph = qcompile.integerize(qm)
+    rows = integer_graph.size_rows()
+    for (_, bits, packed, full), op in zip(rows, integer_graph.layers(), strict=True):
+        c_out, c_in = op.weight.shape[:2]
+        kernel = int(torch.Size(op.weight.shape[2:]).numel())
+        assert packed == bits * c_out * kernel * -(-c_in // 32) * 4 == op.weight.words.nbytes
+        assert full == 4 * op.weight.integers.numel()
+    text = integer_graph.size_report()
+    assert "total" in text and str(sum(r[2] for r in rows)) in text
+
+
+class Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.sigmoid(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_an_op_without_an_integer_form_is_an_error_naming_the_node():
+    x = torch.randn(4, 1, 8, 8)
+    qm = qcompile.quantize(Unsupported(), (x[:1],), bits=4, method="lsq", calib_data=[(x,)])
+    with pytest.raises(IntegerizeError, match=r"node (sigmoid|mean)"):
+        qcompile.integerize(qm)
+
+
+def test_a_switched_off_quantizer_is_an_error():
+    qm, _ = quantized("small", "lsq", 4)
+    next(m for m in qm.modules() if isinstance(m, Quantizer)).enabled = False
+    with pytest.raises(IntegerizeError, match="switched off"):
+        qcompile.integerize(qm)
+
+
+def test_integer_graph_checks_its_inputs():
+    qm, x = quantized("small", "lsq", 4)
+    integer_graph = qcompile.integerize(qm)
+    with pytest.raises(IntegerizeError, match="1 input"):
+        integer_graph(x, x)
+    with pytest.raises(IntegerizeError, match="float tensor"):
+        integer_graph((x * 10).long())

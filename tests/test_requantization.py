@@ -1,0 +1,119 @@
+"""Threshold requantization equals the float requantization it replaces (hypothesis)."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcompile.quant.base import IntegerSpec
+from qcompile.requantization import (
+    apply_fixed_point,
+    apply_staircase,
+    decision_thresholds,
+    fixed_point,
+    staircase,
+)
+
+BOUND = 3000
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def dyadic(scale_bits: int = 6, low: int = -400, high: int = 400):
+    """Numbers ``k / 2^scale_bits``: float64 arithmetic on them below is exact, ties included."""
+    return st.integers(low, high).map(lambda k: k / 2**scale_bits)
+
+
+@st.composite
+def float_chain(draw):
+    """Per-channel scales (negative and zero included) and biases, thresholds with zero-width
+    intervals, an optional clamp."""
+    channels = draw(st.integers(1, 4))
+    scale = torch.tensor(draw(st.lists(dyadic(8, -64, 64), min_size=channels, max_size=channels)),
+                         dtype=torch.float64)
+    bias = torch.tensor(draw(st.lists(dyadic(), min_size=channels, max_size=channels)),
+                        dtype=torch.float64)
+    count = draw(st.integers(1, 7))
+    steps = draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0]), min_size=count,
+                          max_size=count))
+    start = draw(dyadic())
+    thresholds = torch.tensor([start + sum(steps[:k + 1]) for k in range(count)],
+                              dtype=torch.float64).reshape(1, -1)
+    low = draw(st.sampled_from([-math.inf, 0.0, -1.0]))
+    high = draw(st.sampled_from([math.inf, 6.0, 2.5]))
+    return scale, bias, thresholds, low, high
+
+
+def accumulators(channels: int) -> torch.Tensor:
+    return torch.arange(-BOUND, BOUND + 1).reshape(-1, 1).expand(-1, channels).contiguous()
+
+
+@SETTINGS
+@given(float_chain())
+def test_staircase_counts_the_thresholds_the_float_value_reaches(chain):
+    scale, bias, thresholds, low, high = chain
+    v = accumulators(len(scale))
+    y = (v.double() * scale + bias).clamp(low, high)
+    expected = (y.unsqueeze(-1) >= thresholds[0]).sum(-1)
+    integer, direction = staircase(scale, bias, thresholds, BOUND, low, high)
+    assert integer.dtype == torch.int64
+    assert bool((integer[:, 1:] >= integer[:, :-1]).all())
+    assert torch.equal(apply_staircase(v, integer, direction), expected)
+
+
+@st.composite
+def quantizer_specs(draw):
+    bits = draw(st.integers(1, 8))
+    scale = draw(st.floats(1e-3, 2.0))
+    if draw(st.booleans()):
+        count = 2**bits
+        first = draw(st.sampled_from([0, -(count // 2)]))
+        return IntegerSpec(bits, torch.arange(first, first + count), torch.tensor([scale]),
+                           torch.tensor([0]))
+    count = draw(st.integers(1, 2**bits - 1))
+    gaps = draw(st.lists(st.floats(0.0, 1.0), min_size=count, max_size=count))
+    thresholds = torch.tensor(gaps).cumsum(0) - draw(st.floats(0.0, 3.0))
+    return IntegerSpec(bits, torch.arange(count + 1), torch.tensor([scale]),
+                       torch.tensor([0]), thresholds=thresholds)
+
+
+@SETTINGS
+@given(quantizer_specs(), st.lists(st.floats(-0.05, 0.05), min_size=1, max_size=3),
+       st.floats(-2.0, 2.0), st.sampled_from([(-math.inf, math.inf), (0.0, math.inf),
+                                              (0.0, 6.0)]))
+def test_staircase_equals_quantizing_the_float_value(spec, scales, bias, clamp):
+    """On random (non-dyadic) scales and biases, away from rounding ties, the integer staircase
+    gives the quantizer's own code for every accumulator."""
+    scale = torch.tensor(scales, dtype=torch.float64)
+    bias = torch.full_like(scale, bias)
+    v = accumulators(len(scale))
+    y = (v.double() * scale + bias).clamp(*clamp)
+    expected = torch.searchsorted(spec.codes, spec.quantize(y).contiguous())
+    integer, direction = staircase(scale, bias, decision_thresholds(spec), BOUND, *clamp)
+    codes = apply_staircase(v, integer, direction)
+    t = decision_thresholds(spec).reshape(-1)
+    tie = ((y.unsqueeze(-1) - t).abs() <= 1e-9 * (y.abs().unsqueeze(-1) + 1)).any(-1)
+    assert torch.equal(codes[~tie], expected[~tie])
+    assert int((codes - expected).abs().max()) <= 1
+
+
+@SETTINGS
+@given(st.floats(1e-4, 0.5), st.floats(-3.0, 3.0), st.integers(1, 8),
+       st.sampled_from([1, -1]))
+def test_fixed_point_form_equals_the_staircase_on_the_whole_range(ratio, bias, bits, sign):
+    """When a fixed-point form is found it gives the staircase's code for every accumulator."""
+    spec = IntegerSpec(bits, torch.arange(2**bits), torch.tensor([1.0]), torch.tensor([0]))
+    scale = torch.tensor([sign * ratio], dtype=torch.float64)
+    integer, direction = staircase(scale, torch.tensor([bias], dtype=torch.float64),
+                                   decision_thresholds(spec), BOUND, 0.0)
+    found = fixed_point(integer, BOUND)
+    assert found is not None, "a uniform staircase has a fixed-point form"
+    multiplier, offset, shift = found
+    v = accumulators(1)
+    assert torch.equal(apply_fixed_point(v, direction, multiplier, offset, shift, 2**bits - 1),
+                       apply_staircase(v, integer, direction))
+
+
+def test_fixed_point_refuses_a_non_uniform_staircase():
+    integer = torch.tensor([[0, 1, 50, 51, 400]])
+    assert fixed_point(integer, BOUND) is None
