@@ -1,0 +1,18 @@
+"""Batch norms with statistics far from the identity, for tests of folding and integer lowering."""
+
+import torch
+from torch import nn
+
+
+def randomize_batch_norms(model: nn.Module, seed: int) -> nn.Module:
+    """Statistics and affine parameters far from the identity, negative scales included."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            c = module.num_features
+            module.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+            module.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen))
+            module.weight.data.copy_((torch.rand(c, generator=gen) + 0.5)
+                                     * torch.where(torch.rand(c, generator=gen) < 0.1, -1, 1))
+            module.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
+    return model
