@@ -6,7 +6,8 @@ model into a trainable low-bit graph in one call, ``train`` it, ``integerize`` i
 program and ``verify`` that program against the simulated model.
 """
 
-from qcompile.api import quantize
+from qcompile.api import compile, load, quantize  # noqa: A004
+from qcompile.backends.onnx import export_onnx
 from qcompile.errors import QcompileError, TraceError
 from qcompile.integer_ir import IntegerGraph
 from qcompile.integerize import integerize
@@ -21,11 +22,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IntegerGraph",
+    "compile",
+    "load",
     "PassContext",
     "PassManager",
     "QcompileError",
     "TraceError",
     "quantize",
+    "export_onnx",
     "integerize",
     "register_pass",
     "register_preset",

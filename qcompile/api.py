@@ -48,3 +48,19 @@ def _budget_options(budget: dict | None) -> dict:
     if unknown:
         raise ConfigError(f"unknown budget keys {sorted(unknown)}; use size, bops, bits_choices")
     return {known[key]: value for key, value in budget.items()}
+
+
+def compile(model, target="llvm", input_shape=None):  # noqa: A001 - the public name DESIGN fixes
+    """Compile a quantized graph (or an ``IntegerGraph``) with the TVM backend for ``target``
+    (``"llvm"``: this CPU; ``"cuda"``, ``"cuda:sm_90"``); returns a callable ``CompiledModule``
+    with ``.save(path)``. ``input_shape`` defaults to the example input's shape."""
+    from qcompile.backends.tvm import compile_module
+
+    return compile_module(model, target, input_shape)
+
+
+def load(path):
+    """The ``CompiledModule`` saved at ``path`` (a ``.qc`` artifact), ready to run."""
+    from qcompile.backends.tvm import load as load_module
+
+    return load_module(path)

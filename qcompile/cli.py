@@ -24,6 +24,8 @@ import torch
 import torch.fx as fx
 
 from qcompile import training_run
+from qcompile.backends.onnx import FORMATS as ONNX_FORMATS
+from qcompile.backends.onnx import export_onnx
 from qcompile.errors import ConfigError, QcompileError, TraceError, TrainingInterrupted
 from qcompile.graph_folder import OUTPUT_CLASS, write_graph_folder
 from qcompile.ir import trace
@@ -139,7 +141,17 @@ def _compile_parser() -> argparse.ArgumentParser:
                         help="keep a module type or module path whole when tracing")
     parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
                         help="shape of the example input (default: what the model file says)")
-    parser.add_argument("--out", type=Path, help="write the rewritten graph to this folder")
+    parser.add_argument("--out", type=Path,
+                        help="write the rewritten graph to this folder, or, for a path ending "
+                        "in .qc, the model compiled for --target (a deployable artifact)")
+    parser.add_argument("--target", default="llvm",
+                        help="compile target for --out model.qc: llvm (this CPU), llvm:CPU, "
+                        "cuda, cuda:sm_XX (default llvm)")
+    parser.add_argument("--export-onnx", type=Path, metavar="PATH",
+                        help="write the quantized model as an ONNX file")
+    parser.add_argument("--onnx-format", choices=ONNX_FORMATS, default="qdq",
+                        help="qdq (QuantizeLinear/DequantizeLinear, for onnxruntime) or qonnx "
+                        "(QONNX Quant, for FINN) (default qdq)")
     parser.add_argument("--print-after", action="append", default=[], metavar="PASS",
                         help="print the graph after this pass ('all' for every pass)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
@@ -180,10 +192,34 @@ def compile_command(argv: list[str]) -> int:
     if data is not None:
         training_run.run_training(args, gm, result, data, calibration)
     print(format_table(layer_report(result)))
-    if args.out is not None:
+    if args.out is not None and args.out.suffix == ".qc":
+        _write_artifact(result, args.out, args.target, example)
+    elif args.out is not None:
         write_graph_folder(result, args.out, example)
         print(f"wrote {args.out} (from {args.out.name} import {OUTPUT_CLASS}; call .eval())")
+    if args.export_onnx is not None:
+        export_onnx(result, args.export_onnx, example, format=args.onnx_format)
+        print(f"wrote {args.export_onnx} (ONNX, {args.onnx_format})")
     return 0
+
+
+def _write_artifact(result: fx.GraphModule, path: Path, target: str, example: tuple) -> None:
+    """Compile ``result`` for ``target``, check it against the simulated model on the example
+    input, and save the artifact."""
+    from qcompile.api import compile as compile_model
+    from qcompile.verify import verify
+
+    compiled = compile_model(result, target, input_shape=tuple(example[0].shape))
+    if compiled.device.exist:
+        report = verify(result, compiled, example[0])
+        print(f"integer program: {100 * report.min_match_fraction:.4f}% of codes equal the "
+              f"simulated model's in the worst layer, output argmax agreement "
+              f"{100 * report.argmax_agreement:.0f}%")
+    compiled.save(path)
+    sizes = compiled.manifest["bytes"]
+    print(f"wrote {path} ({compiled.manifest['target']['kind']}, compiled in "
+          f"{compiled.manifest['compile_seconds']} s; parameters {sizes['params']} bytes vs "
+          f"{sizes['fp32_weights']} float32); run it with: qcompile run {path} --input x.npy")
 
 
 def _quantization_options(args: argparse.Namespace) -> dict:
@@ -211,6 +247,14 @@ def _trace(model, example, leaves, shape) -> fx.GraphModule:
 def _traceback_requested() -> bool:
     return os.environ.get("QCOMPILE_TRACEBACK") == "1"
 
+
+def _register_subcommands() -> None:
+    from qcompile import deploy_cli
+
+    SUBCOMMANDS.update(run=deploy_cli.run_command, inspect=deploy_cli.inspect_command)
+
+
+_register_subcommands()
 
 if __name__ == "__main__":
     sys.exit(main())

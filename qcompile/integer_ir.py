@@ -37,7 +37,7 @@ INT32_MAX = 2**31 - 1
 
 @dataclass(frozen=True, eq=False)
 class CodeFormat:
-    """Codes of ``bits`` bits: ``u`` stands for ``levels[u]`` and the float ``levels[u] * scale``."""
+    """Codes of ``bits`` bits: ``u`` stands for ``levels[u]``, the float ``levels[u] * scale``."""
 
     bits: int
     levels: torch.Tensor
@@ -52,7 +52,8 @@ class CodeFormat:
 
 @dataclass(frozen=True, eq=False)
 class Accumulator:
-    """An integer ``V`` meaning ``V * scale[c] + bias[c]`` (per channel, or one entry), ``|V| <= bound``."""
+    """An integer ``V`` meaning ``V * scale[c] + bias[c]`` (per channel, or one entry);
+    ``|V| <= bound``."""
 
     scale: torch.Tensor
     bias: torch.Tensor
@@ -84,6 +85,17 @@ class PackedWeight:
     @property
     def packed_bytes(self) -> int:
         return packed_bytes(self.shape, self.bits, axis=1)
+
+    @property
+    def affine(self) -> tuple[int, int] | None:
+        """``(alpha, beta)`` with every level ``alpha * u - beta`` (``alpha`` 1 or 2, one pair
+        for all channels), or None: the form a bit-serial kernel computes with."""
+        u = torch.arange(self.levels.shape[1], dtype=self.levels.dtype)
+        for alpha in (1, 2):
+            beta = alpha * u[0] - self.levels[0, 0]
+            if bool((self.levels == alpha * u - beta).all()):
+                return alpha, int(beta)
+        return None
 
     @property
     def form(self) -> str:

@@ -8,7 +8,7 @@ quantizer's code is the number of its decision thresholds ``t_k`` that the input
 whole chain is a count of thresholds that ``V`` reaches, each mapped back through the clamps and
 the affine map, in float64:
 
-    clamp(y, low, high) >= t   <=>   y >= t   (low < t <= high),   always (t <= low),   never (t > high)
+    clamp(y, low, high) >= t   <=>   y >= t  (low < t <= high),  always (t <= low),  never (t > high)
     V * S + B >= t             <=>   V >= ceil((t - B) / S)    (S > 0)
                                <=>  -V >= ceil((t - B) / -S)   (S < 0)
                                <=>   always or never, as B >= t (S == 0)

@@ -1,0 +1,1 @@
+"""Scheduled TVM PrimFuncs for the integer ops, one module per kernel family."""

@@ -1,0 +1,108 @@
+"""What a layer kernel does with its int32 accumulator before storing it: the requantization.
+
+Shared by the bit-serial and the direct kernels and by the standalone requantize kernel, so the
+three compute the same integers as :mod:`qcompile.requantization` (the reference):
+
+- ``none``: store the accumulator;
+- ``thresholds``: ``code = #{t : direction * acc >= thresholds[row, t]}`` (extra inputs
+  ``thresholds`` int64 (rows, n) and ``direction`` int64 (rows,)), counted one by one for a few
+  thresholds and group by group for many;
+- ``fixed_point``: ``code = clamp((direction * acc * multiplier + offset) >> shift, 0, n)`` in
+  int64 (extra inputs ``multiplier``, ``offset``, ``direction``, int64 (rows,)).
+
+``rows`` is the output channel count when ``per_channel``, else 1. Codes are stored as int32.
+"""
+
+from dataclasses import dataclass
+
+from tvm import te, tirx
+
+KINDS = ("none", "thresholds", "fixed_point")
+LINEAR_LEVELS = 16
+"""Up to this many thresholds are compared one by one; more are searched in two levels."""
+GROUP = 16
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    kind: str = "none"
+    levels: int = 0
+    per_channel: bool = True
+    shift: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"epilogue kind must be one of {KINDS}, got {self.kind!r}")
+
+    def placeholders(self, channels: int) -> list[te.Tensor]:
+        """The extra kernel inputs this epilogue reads, in order."""
+        rows = channels if self.per_channel else 1
+        if self.kind == "thresholds":
+            return [te.placeholder((rows, self.levels), "int64", name="thresholds"),
+                    te.placeholder((rows,), "int64", name="direction")]
+        if self.kind == "fixed_point":
+            return [te.placeholder((rows,), "int64", name="multiplier"),
+                    te.placeholder((rows,), "int64", name="offset"),
+                    te.placeholder((rows,), "int64", name="direction")]
+        return []
+
+    @property
+    def tag(self) -> str:
+        """A short name for kernel symbols."""
+        if self.kind == "none":
+            return "acc"
+        rows = "c" if self.per_channel else "t"
+        shift = self.shift if self.kind == "fixed_point" else ""
+        return f"{self.kind[0]}{self.levels}{rows}{shift}"
+
+
+def apply_epilogue(acc: te.Tensor, epilogue: Epilogue, extra: list[te.Tensor],
+                   channel_axis: int = 1, name: str = "requantized") -> te.Tensor:
+    """The epilogue's TE compute over ``acc`` (int32, channels on ``channel_axis``)."""
+    if epilogue.kind == "none":
+        return acc
+
+    def row(index):
+        return index[channel_axis] if epilogue.per_channel else 0
+
+    if epilogue.kind == "thresholds":
+        thresholds, direction = extra
+
+        def count(*index):
+            signed = acc(*index).astype("int64") * direction[row(index)]
+            if epilogue.levels <= LINEAR_LEVELS:
+                total = tirx.const(0, "int32")
+                for k in range(epilogue.levels):
+                    total = total + (signed >= thresholds[row(index), k]).astype("int32")
+                return total
+            return _search(signed, thresholds, row(index), epilogue.levels)
+
+        return te.compute(acc.shape, count, name=name)
+    multiplier, offset, direction = extra
+
+    def fixed(*index):
+        r = row(index)
+        value = acc(*index).astype("int64") * direction[r] * multiplier[r] + offset[r]
+        shifted = tirx.shift_right(value, tirx.const(epilogue.shift, "int64"))
+        return tirx.max(tirx.min(shifted, tirx.const(epilogue.levels, "int64")),
+                        tirx.const(0, "int64")).astype("int32")
+
+    return te.compute(acc.shape, fixed, name=name)
+
+
+def _search(signed, thresholds: te.Tensor, row, levels: int):
+    """``#{k : signed >= thresholds[row, k]}`` for non-decreasing thresholds in two levels:
+    count the groups of :data:`GROUP` thresholds reached whole (compare with each group's last
+    threshold), then count within the next group: ``2 sqrt(levels)``-ish compares, not
+    ``levels``."""
+    groups = levels // GROUP
+    whole = tirx.const(0, "int32")
+    for g in range(groups):
+        whole = whole + (signed >= thresholds[row, g * GROUP + GROUP - 1]).astype("int32")
+    total = whole * GROUP
+    for i in range(GROUP):
+        index = whole * GROUP + i
+        inside = index < levels
+        safe = tirx.if_then_else(inside, index, levels - 1)
+        total = total + tirx.all(inside, signed >= thresholds[row, safe]).astype("int32")
+    return total

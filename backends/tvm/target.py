@@ -1,0 +1,43 @@
+"""Targets of the TVM backend: the host CPU through LLVM, or CUDA.
+
+``"llvm"`` is this machine's CPU as LLVM names it (``tvm.target.codegen.llvm_get_system_cpu()``;
+never ``"native"``, which TVM 0.27 silently turns into a generic CPU without AVX-512) with as many
+cores as the process may use. ``"cuda"`` is an sm_80 GPU, ``"cuda:sm_90"`` another
+architecture. A dict is passed to ``tvm.target.Target`` as it is.
+"""
+
+import os
+
+import tvm
+
+from qcompile.errors import ConfigError
+
+CUDA_ARCH = "sm_80"
+
+
+def resolve_target(target: "str | dict | tvm.target.Target") -> tvm.target.Target:
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        return _checked(target)
+    if not isinstance(target, str):
+        raise ConfigError(f"target must be 'llvm', 'cuda', 'cuda:sm_XX' or a dict, got {target!r}")
+    kind, _, detail = target.partition(":")
+    if kind == "llvm":
+        cpu = detail or tvm.target.codegen.llvm_get_system_cpu()
+        return _checked({"kind": "llvm", "mcpu": cpu, "num-cores": _cores()})
+    if kind == "cuda":
+        return _checked({"kind": "cuda", "arch": detail or CUDA_ARCH})
+    raise ConfigError(f"unknown target {target!r}: use 'llvm' (this CPU), 'llvm:CPU', 'cuda' "
+                      "or 'cuda:sm_XX'")
+
+
+def _checked(spec: dict) -> tvm.target.Target:
+    try:
+        return tvm.target.Target(spec)
+    except Exception as error:  # noqa: BLE001 - TVM reports a bad target with its own errors
+        raise ConfigError(f"TVM does not accept the target {spec}: {error}") from None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

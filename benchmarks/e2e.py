@@ -1,0 +1,124 @@
+"""Whole ResNet-18 (224x224, batch 1): qcompile's compiled W2A2 model against torch and onnxruntime.
+
+Quantizes an untrained torchvision ResNet-18 at W2A2 (first and last layer 8-bit, LSQ,
+calibrated on random images: speed does not depend on the weights' values), compiles it with
+the TVM backend for this CPU, and times, in one process with interleaved rounds:
+
+- qcompile: the compiled module (``qcompile.compile(qm, "llvm")``);
+- torch fp32 (2 threads, eval, no_grad);
+- onnxruntime fp32 on the same model exported to ONNX;
+- onnxruntime int8: static QDQ quantization by onnxruntime's own tools (``quant_pre_process``,
+  then ``quantize_static`` per-channel, QInt8 weights, QUInt8 activations), its strongest CPU
+  setting.
+
+Prints medians and ratios, the compile time, and the artifact's bytes against the float32
+weights' bytes. Usage: ``python benchmarks/e2e.py [--rounds 20] [--bits 2] [--method lsq]``.
+"""
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torchvision
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
+from onnxruntime.quantization import quant_pre_process, quantize_static
+
+import qcompile
+
+SHAPE = (1, 3, 224, 224)
+THREADS = 2
+
+
+class Images(CalibrationDataReader):
+    def __init__(self, name: str, count: int = 8):
+        gen = np.random.default_rng(0)
+        self.batches = iter([{name: gen.standard_normal(SHAPE).astype(np.float32)}
+                             for _ in range(count)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def onnx_sessions(model: torch.nn.Module, folder: Path) -> dict[str, ort.InferenceSession]:
+    float_path = folder / "resnet18.onnx"
+    torch.onnx.export(model, (torch.randn(SHAPE),), str(float_path), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"])
+    prepared = folder / "resnet18.pre.onnx"
+    quant_pre_process(str(float_path), str(prepared))
+    int8_path = folder / "resnet18.int8.onnx"
+    quantize_static(str(prepared), str(int8_path), Images("x"), quant_format=QuantFormat.QDQ,
+                    per_channel=True, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    return {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for name, path in (("onnxruntime fp32", float_path), ("onnxruntime int8", int8_path))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--bits", type=int, default=2)
+    parser.add_argument("--method", default="lsq")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(THREADS)
+    model = torchvision.models.resnet18(weights=None).eval()
+    calibration = [(torch.randn(SHAPE),) for _ in range(4)]
+    qm = qcompile.quantize(model, (calibration[0][0],), bits=args.bits, method=args.method,
+                           calib_data=calibration)
+    start = time.perf_counter()
+    compiled = qcompile.compile(qm, "llvm")
+    compile_seconds = time.perf_counter() - start
+    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        artifact = compiled.save(Path(folder) / "resnet18.qc")
+        artifact_bytes = artifact.stat().st_size
+        sessions = onnx_sessions(model, Path(folder))
+        runners = {
+            f"qcompile W{args.bits}A{args.bits}": lambda: compiled(x),
+            "torch fp32": lambda: _torch(model, x),
+            **{name: (lambda s=s: s.run(None, {"x": x})) for name, s in sessions.items()},
+        }
+        times = {name: [] for name in runners}
+        for _ in range(3):
+            for run in runners.values():
+                run()
+        for _ in range(args.rounds):
+            for name, run in runners.items():
+                begin = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - begin)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ours = medians[f"qcompile W{args.bits}A{args.bits}"]
+    print(f"\nResNet-18 {SHAPE}, {THREADS} threads, {args.rounds} interleaved rounds")
+    print(f"{'runner':24} {'median ms':>10} {'qcompile speed-up':>18}")
+    for name, seconds in medians.items():
+        print(f"{name:24} {seconds * 1000:10.2f} {seconds / ours:17.2f}x")
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    print(f"\nartifact {artifact_bytes} bytes vs float32 parameters {fp32_bytes} bytes "
+          f"(1/{fp32_bytes / artifact_bytes:.1f}); compile {compile_seconds:.1f} s")
+    print(f"machine: {platform.machine()}, {tvm_cpu()}, torch {torch.__version__}, "
+          f"onnxruntime {ort.__version__}")
+
+
+@torch.no_grad()
+def _torch(model, x):
+    return model(torch.from_numpy(x))
+
+
+def tvm_cpu() -> str:
+    import tvm
+
+    return f"llvm cpu {tvm.target.codegen.llvm_get_system_cpu()}"
+
+
+if __name__ == "__main__":
+    main()
