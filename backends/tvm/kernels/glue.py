@@ -131,27 +131,21 @@ def window_pool(shape, windows: list[list[tuple[int, int]]], mode: str, target, 
     spans = [max(stop - start for start, stop in w) for w in windows]
     empty = tirx.const(0 if mode == "sum" else INT32_MIN, "int32")
 
-    def starts(d, o):
+    def bound(d, o, end: int):
+        """The window's start (``end=0``) or stop (``end=1``) at output position ``o``."""
         table = windows[d]
-        value = tirx.const(table[-1][0], "int32")
+        value = tirx.const(table[-1][end], "int32")
         for index in range(len(table) - 2, -1, -1):
-            value = tirx.Select(o == index, tirx.const(table[index][0], "int32"), value)
-        return value
-
-    def stops(d, o):
-        table = windows[d]
-        value = tirx.const(table[-1][1], "int32")
-        for index in range(len(table) - 2, -1, -1):
-            value = tirx.Select(o == index, tirx.const(table[index][1], "int32"), value)
+            value = tirx.Select(o == index, tirx.const(table[index][end], "int32"), value)
         return value
 
     def pooled(n, c, *o):
         result = None
         for offsets in _product(spans):
-            position = [starts(d, o[d]) + offsets[d] for d in range(len(o))]
+            position = [bound(d, o[d], 0) + offsets[d] for d in range(len(o))]
             inside = tirx.const(True, "bool")
             for d, p in enumerate(position):
-                inside = tirx.all(inside, p < stops(d, o[d]), p >= 0, p < shape[2 + d])
+                inside = tirx.all(inside, p < bound(d, o[d], 1), p >= 0, p < shape[2 + d])
             safe = [tvm.te.max(tvm.te.min(p, shape[2 + d] - 1), 0) for d, p in enumerate(position)]
             value = tirx.if_then_else(inside, x[(n, c, *safe)], empty)
             if result is None:
