@@ -16,3 +16,19 @@ def randomize_batch_norms(model: nn.Module, seed: int) -> nn.Module:
                                      * torch.where(torch.rand(c, generator=gen) < 0.1, -1, 1))
             module.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
     return model
+
+
+def with_batch_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Give an untrained model's batch norms the statistics of ``x``, as training would.
+
+    With the default statistics (mean 0, variance 1) an untrained torchvision model's activations
+    shrink layer by layer until its output is constant, and no gradient is left to check.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()

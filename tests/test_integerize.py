@@ -7,15 +7,13 @@ simulated model's on >= 99.99% of elements per layer, differ by at most 1 LSB an
 rounding ties, and the output argmax agrees everywhere.
 """
 
-import functools
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import qcompile
-from batch_norms import randomize_batch_norms
+from quantized_models import quantized
 from qcompile import integer_ir as ir
 from qcompile.data import load_builtin
 from qcompile.errors import IntegerizeError
@@ -24,24 +22,6 @@ from qcompile.quant import Quantizer, available_methods
 
 METHODS = available_methods()
 BITS = [2, 4, 8]
-
-
-@functools.cache
-def images(kind: str) -> torch.Tensor:
-    if kind == "small":
-        return load_builtin("mnist5k").test_x[:16]
-    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-
-
-def quantized(arch: str, method: str, bits: int) -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    if arch == "small":
-        model, x = SmallCNN(1, 10), images("small")
-    else:
-        model, x = getattr(torchvision.models, arch)(weights=None), images("imagenet")
-    randomize_batch_norms(model, seed=bits)
-    qm = qcompile.quantize(model.eval(), (x[:1],), bits=bits, method=method, calib_data=[(x,)])
-    return qm, x
 
 
 def assert_faithful(qm, x, dtype=torch.float64, min_match=0.9999):

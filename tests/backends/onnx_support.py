@@ -18,21 +18,16 @@ Comparisons against the simulated model are of two kinds:
 """
 
 import copy
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torchvision
 from torch import fx
 
-import qcompile
-from batch_norms import randomize_batch_norms
+from quantized_models import quantized as quantized_model
 from qcompile.backends.onnx import ORT_DISABLED_OPTIMIZERS
-from qcompile.data import load_builtin
-from qcompile.models import SmallCNN
 from qcompile.quant import Quantizer
 from qcompile.quant.layers import quantizable_layers
 
@@ -40,23 +35,9 @@ TIE = 2e-5
 """Relative distance to a decision threshold within which the runtime's code may differ."""
 
 
-@functools.cache
-def images(kind: str) -> torch.Tensor:
-    if kind == "small":
-        return load_builtin("mnist5k").test_x[:32]
-    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-
-
 def quantized(arch: str, method: str, bits: int) -> tuple[fx.GraphModule, torch.Tensor]:
-    """``arch`` (``small`` or a torchvision name) quantized at W``bits``A``bits`` (first and last
-    layer 8-bit), calibrated on the test batch; eval mode, hard quantizers."""
-    torch.manual_seed(0)
-    if arch == "small":
-        model, x = SmallCNN(1, 10), images("small")
-    else:
-        model, x = getattr(torchvision.models, arch)(weights=None), images("imagenet")
-    randomize_batch_norms(model, seed=bits)
-    qm = qcompile.quantize(model.eval(), (x[:1],), bits=bits, method=method, calib_data=[(x,)])
+    """The shared test model (32 digits for the small CNN) in eval mode with hard quantizers."""
+    qm, x = quantized_model(arch, method, bits, count=32)
     return hard(qm), x
 
 

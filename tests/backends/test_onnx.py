@@ -23,13 +23,13 @@ from onnx_support import (
     assert_logits_agree,
     assert_ops_agree,
     hard,
-    images,
     last_layer,
     quantized,
     run,
     session,
     simulated,
 )
+from quantized_models import images
 from qcompile.backends.onnx import OnnxExportError
 from qcompile.errors import NotDeployableError, QcompileError
 from qcompile.models import SmallCNN

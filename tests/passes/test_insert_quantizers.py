@@ -4,6 +4,7 @@ import torchvision
 from torch import nn
 
 import qcompile
+from batch_norms import with_batch_statistics
 from qcompile.fused import ConvBatchNorm
 from qcompile.models import SmallCNN
 from qcompile.quant import Quantizer, available_methods
@@ -18,20 +19,6 @@ def quantized(model, x, ctx=None, passes=PIPELINE, **config):
     return qcompile.quantize(model.eval(), (x,), passes=passes, ctx=ctx, **config)
 
 
-def with_batch_statistics(model, x):
-    """Give an untrained model's batch norms the statistics of ``x``, as training would.
-
-    With the default statistics (mean 0, variance 1) an untrained torchvision model's activations
-    shrink layer by layer until its output is constant, and no gradient is left to check.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
 
 
 def input_quantizer_nodes(gm):

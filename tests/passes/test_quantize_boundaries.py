@@ -8,6 +8,7 @@ from real_data import digits
 from torch import nn
 
 import qcompile
+from batch_norms import with_batch_statistics
 from qcompile.errors import ConfigError
 from qcompile.models import SmallCNN
 from qcompile.passes.quantize_boundaries import BOUNDARY_QUANTIZERS
@@ -71,17 +72,6 @@ def is_boundary_quantizer(gm, node):
             and isinstance(gm.get_submodule(node.target), Quantizer))
 
 
-def with_batch_statistics(model, x):
-    """Batch norms with the statistics of ``x``: an untrained model's activations otherwise
-    shrink layer by layer to a constant."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
 
 
 CASES = [("resnet18", "qil", {"add": 8, "pool": 1}),

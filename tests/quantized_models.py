@@ -1,0 +1,33 @@
+"""Quantized test models: the small CNN on real digits, torchvision models on random images."""
+
+import functools
+
+import torch
+import torchvision
+from torch import fx
+
+import qcompile
+from batch_norms import randomize_batch_norms
+from qcompile.data import load_builtin
+from qcompile.models import SmallCNN
+
+
+@functools.cache
+def images(kind: str, count: int = 16) -> torch.Tensor:
+    if kind == "small":
+        return load_builtin("mnist5k").test_x[:count]
+    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def quantized(arch: str, method: str, bits: int, count: int = 16
+              ) -> tuple[fx.GraphModule, torch.Tensor]:
+    """``arch`` (``small`` or a torchvision name) with randomized batch norms, quantized at
+    W``bits``A``bits`` (first and last layer 8-bit) and calibrated on its test batch."""
+    torch.manual_seed(0)
+    if arch == "small":
+        model, x = SmallCNN(1, 10), images("small", count)
+    else:
+        model, x = getattr(torchvision.models, arch)(weights=None), images("imagenet")
+    randomize_batch_norms(model, seed=bits)
+    qm = qcompile.quantize(model.eval(), (x[:1],), bits=bits, method=method, calib_data=[(x,)])
+    return qm, x
