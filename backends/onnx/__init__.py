@@ -35,16 +35,15 @@ Every model passes ``onnx.checker.check_model(full_check=True)`` before it is wr
 carries metadata (``metadata_props``): ``qcompile_version``, ``qcompile_format``,
 ``qcompile_opset`` and ``qcompile_opset_reason``, JSON ``qcompile_layers`` (per layer: weight
 and input bits, method, weight container or Quant range) and ``qcompile_quantizers`` (per
-activation quantizer: bits, method, container or op, form), and for QDQ
-``qcompile_onnxruntime`` (the session option below). The file is written atomically (a temporary file in the
-same folder, then renamed), so an error leaves nothing at ``path``.
+activation quantizer: bits, method, container or op, form). The file is written atomically (a
+temporary file in the same folder, then renamed), so an error leaves nothing at ``path``.
 
-Biases stay float, as the simulated model adds them. onnxruntime's ``WeightBiasQuantization``
-graph optimization (on by default) rounds the float bias of a Conv or Gemm fed by
-DequantizeLinear to int32 on the grid ``input scale * weight scale``, which moves codes that sit
-near a threshold (at 2 bits often enough to change a deep network's output); create the session
-with ``disabled_optimizers=ORT_DISABLED_OPTIMIZERS`` to run the exported model as it is (every
-other optimization, QDQ fusions included, stays on). The model's metadata repeats this.
+Biases stay float, as the simulated model adds them, in an ``Add`` after the layer: onnxruntime's
+``WeightBiasQuantization`` optimization (on by default) rounds the float bias input of a Conv or
+Gemm fed by DequantizeLinear to int32 on the grid ``input scale * weight scale``, which moves
+codes that sit near a threshold (measured: 8 output LSBs on the small CNN at W2A2, half the
+argmaxes of resnet18 at W8A8); it leaves an ``Add`` alone, so a session with onnxruntime's
+defaults runs the exported model as it is.
 
 Agreement with the simulated model: weights are bit exact; quantizers compute the same codes
 except where float32 rounding puts an input within rounding error of a decision threshold
@@ -53,9 +52,9 @@ onnxruntime sums convolutions in another order), where a code can differ by one.
 default optimizations onnxruntime also fuses QDQ groups into integer kernels (QLinearAdd,
 QLinearConv, ...) whose requantization rounds such ties its own way. One differing code changes
 the next layer's input, and a deep untrained network at 4-8 bits can amplify it into visibly
-different logits, so the tests check agreement op by op on the runtime's own inputs, end to end
-with ONNX's own arithmetic (graph optimizations at BASIC), and end to end with the default
-optimizations on the small CNN.
+different logits, so the tests check agreement op by op on the runtime's own inputs, and end to
+end both with ONNX's own arithmetic (graph optimizations at BASIC) and with onnxruntime's
+defaults, within a bound that accounts for codes that differ at the last layer's input.
 """
 
 import copy
@@ -80,10 +79,7 @@ FORMATS = ("qdq", "qonnx")
 QDQ_OPSET = 21
 """The newest opset the QDQ export uses unless asked (see the module docstring)."""
 QONNX_OPSET = 13
-ORT_DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
-"""Pass as ``onnxruntime.InferenceSession(..., disabled_optimizers=...)`` to keep float biases."""
-
-__all__ = ["FORMATS", "ORT_DISABLED_OPTIMIZERS", "OnnxExportError", "export_onnx"]
+__all__ = ["FORMATS", "OnnxExportError", "export_onnx"]
 
 
 def export_onnx(
@@ -166,10 +162,6 @@ def _metadata(fmt: str, lowered, requested: int | None) -> dict[str, str]:
         "qcompile_layers": json.dumps(lowered.layers, sort_keys=True),
         "qcompile_quantizers": json.dumps(lowered.quantizers, sort_keys=True),
     }
-    if fmt == "qdq":
-        metadata["qcompile_onnxruntime"] = (f"biases are float: create the session with "
-                                            f"disabled_optimizers={list(ORT_DISABLED_OPTIMIZERS)} "
-                                            "to keep them so")
     return metadata
 
 

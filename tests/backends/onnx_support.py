@@ -27,7 +27,6 @@ import torch
 from torch import fx
 
 from quantized_models import quantized as quantized_model
-from qcompile.backends.onnx import ORT_DISABLED_OPTIMIZERS
 from qcompile.quant import Quantizer
 from qcompile.quant.layers import quantizable_layers
 
@@ -50,13 +49,13 @@ def hard(qm: fx.GraphModule) -> fx.GraphModule:
 
 
 def session(model, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
-    """An onnxruntime CPU session as a user makes one, keeping the model's float biases."""
+    """An onnxruntime CPU session as a user makes one (onnxruntime's default optimizations,
+    unless ``level`` says otherwise)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.graph_optimization_level = level
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS))
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:

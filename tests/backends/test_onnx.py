@@ -42,23 +42,17 @@ OTHER_METHODS = [m for m in available_methods() if m not in DEFAULT_METHODS]
 
 
 def export_and_compare(arch: str, method: str, bits: int, tmp_path) -> LogitAgreement:
-    """End to end with ONNX's own arithmetic (graph optimizations BASIC), op by op, and the
-    model as onnxruntime optimizes it by default: it must load and run, and on the small CNN
-    agree end to end too (a deep untrained network amplifies the ties its fused integer kernels
-    round differently, see ``qcompile.backends.onnx``)."""
+    """End to end with ONNX's own arithmetic (graph optimizations BASIC), op by op, and end to
+    end as onnxruntime runs it by default (its graph optimizations and fused kernels); returns
+    the agreement of the default session."""
     qm, x = quantized(arch, method, bits)
     path = qcompile.export_onnx(qm, tmp_path / "model.onnx", (x[:1],))
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     last_input = [last_layer(qm)[0].args[0].name]
-    agreement = assert_logits_agree(qm, x, run(model, x, last_input, level=BASIC))
+    assert_logits_agree(qm, x, run(model, x, last_input, level=BASIC))
     assert_ops_agree(qm, model, x)
-    optimized = run(model, x, last_input)
-    assert optimized["output"].shape == tuple(simulated(qm, x)["output"].shape)
-    assert np.isfinite(optimized["output"]).all()
-    if arch == "small":
-        assert assert_logits_agree(qm, x, optimized).argmax == 1.0
-    return agreement
+    return assert_logits_agree(qm, x, run(model, x, last_input))
 
 
 @pytest.mark.parametrize("bits", BITS)
