@@ -18,8 +18,16 @@ round times every configuration in turn, with a short pause between them so one 
 spinning threads do not run into the next; the tables give the median over rounds and the
 fastest round, and the machine's load average is printed with them (threads that share a core with another process wait
 at every barrier, so a loaded machine slows the multi-threaded runs by far more than its load).
+
+``--packed`` times the bit-serial kernels alone, each layer with int32 codes in and out against
+the packed activation layout (:mod:`qcompile.backends.tvm.kernels.bitserial_packed`) in and out,
+as consecutive bit-serial layers pass it: no activation packing, output codes packed in the
+kernel. Each round times every configuration at 1 and then 2 threads (TVM's pool is
+reconfigured between them), and at 1 thread also in CPU time (``thread_time``: one TVM thread
+runs the kernel in the calling thread), which time slices lost to other processes do not count.
+
 Usage: ``python benchmarks/kernels.py [--threads 2] [--rounds 15] [--calls 20]
-[--layers 0,1,2,3]``.
+[--layers 0,1,2,3] [--packed]``.
 """
 
 import argparse
@@ -35,7 +43,7 @@ import torch.nn.functional as F
 import tvm
 from onnx import TensorProto, helper
 
-from qcompile.backends.tvm.kernels.bitserial import Epilogue, conv2d_kernel
+from qcompile.backends.tvm.kernels.bitserial import Epilogue, conv2d_kernel, packed_shape
 from qcompile.packing import pack_bits
 
 LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7)]
@@ -44,20 +52,24 @@ TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_
                             "num-cores": 2})
 
 
-def tvm_runner(channels: int, size: int, bits: int, form: str, rng):
-    """A zero-argument call of the W{bits}A{bits} kernel on random codes."""
+def tvm_runner(channels: int, size: int, bits: int, form: str, rng, packed: bool = False):
+    """A zero-argument call of the W{bits}A{bits} kernel on random codes, packed in and out or
+    int32 in and out."""
     levels = 2**bits - 1
     epilogue = Epilogue("fixed_point", levels, True, 16)
-    func = conv2d_kernel((1, channels, size, size), (channels, channels, 3, 3), bits, bits, form,
-                         1, 1, 1, epilogue, TARGET)
+    shape = (1, channels, size, size)
+    func = conv2d_kernel(shape, (channels, channels, 3, 3), bits, bits, form, 1, 1, 1, epilogue,
+                         TARGET, packed_input=packed, packed_output=packed)
     kernel = tvm.compile(tvm.IRModule({"main": func}), TARGET).mod[func.attrs["global_symbol"]]
     codes = rng.integers(0, 2**bits, (channels, channels, 3, 3))
-    arrays = [rng.integers(0, 2**bits, (1, channels, size, size)).astype(np.int32),
+    words = packed_shape(shape, bits, TARGET)
+    arrays = [rng.integers(0, 2**63, words, np.uint64) if packed
+              else rng.integers(0, 2**bits, shape).astype(np.int32),
               pack_bits(codes, bits, axis=1),
               rng.integers(1, 2**10, channels).astype(np.int64),
               rng.integers(-(2**15), 2**15, channels).astype(np.int64),
               np.ones(channels, np.int64),
-              np.zeros((1, channels, size, size), np.int32)]
+              np.zeros(words, np.uint64) if packed else np.zeros(shape, np.int32)]
     args = [tvm.runtime.tensor(a) for a in arrays]
     return lambda: kernel(*args)
 
@@ -113,11 +125,11 @@ def ort_runner(channels: int, size: int, threads: int, rng):
     return lambda: session.run_with_iobinding(binding)
 
 
-def per_call(call, calls: int) -> float:
-    start = time.perf_counter()
+def per_call(call, calls: int, clock=time.perf_counter) -> float:
+    start = clock()
     for _ in range(calls):
         call()
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
 def main() -> None:
@@ -126,7 +138,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--layers", default="0,1,2,3")
+    parser.add_argument("--packed", action="store_true",
+                        help="int32 against packed activations, at 1 and 2 threads")
     args = parser.parse_args()
+    if args.packed:
+        return main_packed(args)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s); load average {os.getloadavg()[0]:.2f} at start")
@@ -160,6 +176,35 @@ def measure(channels: int, size: int, args, rng) -> dict[str, list[float]]:
             time.sleep(0.02)
             times[name].append(per_call(call, args.calls))
     return times
+
+
+def main_packed(args) -> None:
+    os.environ["TVM_NUM_THREADS"] = "2"
+    configure = tvm.get_global_func("runtime.config_threadpool")
+    print(f"load average {os.getloadavg()[0]:.2f} at start")
+    rng = np.random.default_rng(0)
+    print("| layer | bits | threads | int32 ms | packed ms | int32 / packed |")
+    print("|---|---|---|---|---|---|")
+    for index in (int(i) for i in args.layers.split(",")):
+        channels, size = LAYERS[index]
+        runners = {(b, packed): tvm_runner(channels, size, b, form, rng, packed)
+                   for b, form in BITS for packed in (False, True)}
+        times = {(key, threads): [] for key in runners for threads in ("1 cpu", 1, 2)}
+        for _ in range(args.rounds):
+            for threads in ("1 cpu", 1, 2):
+                configure(1, 1 if threads == "1 cpu" else threads)
+                clock = time.thread_time if threads == "1 cpu" else time.perf_counter
+                for key, call in runners.items():
+                    time.sleep(0.02)
+                    per_call(call, 2)
+                    times[key, threads].append(per_call(call, args.calls, clock))
+        for b, _ in BITS:
+            for threads in ("1 cpu", 1, 2):
+                plain, packed = (statistics.median(times[(b, p), threads]) * 1e3
+                                 for p in (False, True))
+                print(f"| {channels}->{channels} {size}x{size} | W{b}A{b} | {threads} | "
+                      f"{plain:.3f} | {packed:.3f} | {plain / packed:.2f}x |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 def print_table(rows) -> None:

@@ -24,6 +24,14 @@ CPU the words are 64 bits wide: AVX-512 counts 64-bit lanes twice as fast as 32-
 uint32 words of the packed weight, read as one. The accumulator is int64 there (int32 values:
 no narrowing and widening before the epilogue) and int32 on the GPU. ``out`` (or
 ``requantized``) applies the :class:`Epilogue` and stores int32.
+
+Packed activations (:mod:`.bitserial_packed`): with ``packed_input`` the kernel reads planes
+already packed, ``(N, a_bits, ceil(C / word), H, W)`` words, pixels innermost, which is the
+layout of ``apad`` itself: ``apad`` becomes a zero-bordered copy (none at all when the conv needs
+no padding), so a layer whose producer is bit-serial packs nothing. With ``packed_output`` a
+requantizing conv stores its codes in that layout for the next layer (stage ``opack``, planes of
+the output channels): the tiles of one output word's channels leave their codes in a small buffer
+and the word's planes are packed from it, so int32 codes never reach memory.
 :mod:`.bitserial_schedules` schedules the stages for the CPU or the GPU.
 
 Relax: the PrimFunc carries ``tirx.is_scheduled`` (the default pipelines leave it as it is) and
@@ -36,10 +44,13 @@ from tvm import te
 from tvm import tirx as T
 
 from qcompile.backends.tvm.kernels import bitserial_schedules as schedules
+from qcompile.backends.tvm.kernels.bitserial_packed import (
+    output_planes, pack_codes, pack_stage, packed_dtype, packed_shape, packed_word, unpack_codes)
 from qcompile.backends.tvm.kernels.epilogue import Epilogue, apply_epilogue
 from qcompile.errors import ConfigError
 
-__all__ = ["Epilogue", "conv2d_kernel", "dense_kernel"]
+__all__ = ["Epilogue", "conv2d_kernel", "dense_kernel", "pack_codes", "packed_shape",
+           "unpack_codes"]
 
 WORD = 32
 """Bits per word of the packed weight (:data:`qcompile.packing.WORD_BITS`)."""
@@ -49,7 +60,8 @@ FORMS = {"unsigned": lambda bits: (1, 0), "signed": lambda bits: (1, 2 ** (bits 
 
 
 def conv2d_kernel(shape_in, weight_shape, a_bits, w_bits, form, stride, padding, dilation,
-                  epilogue: Epilogue, target) -> tvm.tirx.PrimFunc:
+                  epilogue: Epilogue, target, *, packed_input: bool = False,
+                  packed_output: bool | int = False) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc ``(data, weight, *epilogue inputs, out)`` for a groups-1 conv2d.
 
     ``data`` int32 ``shape_in`` (N, C, H, W) holds unsigned ``a_bits`` codes; ``weight`` uint32
@@ -57,6 +69,11 @@ def conv2d_kernel(shape_in, weight_shape, a_bits, w_bits, form, stride, padding,
     ``weight_shape`` is that shape (or the unpacked ``(K, C, kh, kw)``); ``out`` int32
     (N, K, OH, OW). ``stride``, ``padding`` and ``dilation`` are ints or (h, w) pairs; padding
     is symmetric zero padding.
+
+    ``packed_input``: ``data`` holds the codes in the packed layout of :mod:`.bitserial_packed`
+    instead, ``packed_shape(shape_in, a_bits, target)`` words. ``packed_output`` (a requantizing
+    epilogue only): ``out`` holds the output codes in that layout, ``packed_shape((N, K, OH,
+    OW), bits, target)``, with ``bits`` the planes the codes need (``True``) or given (an int).
     """
     _check(a_bits, w_bits, form)
     n, c, h, w = _shape(shape_in, 4, "conv input")
@@ -69,13 +86,14 @@ def conv2d_kernel(shape_in, weight_shape, a_bits, w_bits, form, stride, padding,
     if oh < 1 or ow < 1:
         raise ConfigError(f"conv of a {h}x{w} input with a {kh}x{kw} kernel, padding "
                           f"{(ph, pw)} and dilation {(dh, dw)} has no output pixel")
-    plan = schedules.conv_plan(target, k, ow, w_bits, a_bits)
+    out_bits = output_planes(packed_output, epilogue, k, target)
+    plan = schedules.conv_plan(target, k, ow, w_bits, a_bits, packed_output=bool(out_bits))
     words, owp = -(-c // plan.word), -(-ow // plan.row) * plan.row
-    data = te.placeholder((n, c, h, w), "int32", "data")
+    data = _input(shape_in, a_bits, packed_input, target)
     weight = te.placeholder((w_bits, k, kh, kw, -(-c // WORD)), "uint32", "weight")
     extra = epilogue.placeholders(k)
-    plane = _conv_planes(data, a_bits, plan.word, (oh, owp), (kh, kw), (sh, sw), (ph, pw),
-                         (dh, dw))
+    plane = _conv_planes(data, (n, c, h, w), a_bits, plan.word, (oh, owp), (kh, kw), (sh, sw),
+                         (ph, pw), (dh, dw))
     alpha, beta = _coefficients(form, w_bits)
     si, sj, sv, sq = _axes(("si", kh), ("sj", kw), ("sv", words), ("sq", a_bits))
     asum = te.compute((n, oh, owp), lambda b, y, x: te.sum(
@@ -98,30 +116,35 @@ def conv2d_kernel(shape_in, weight_shape, a_bits, w_bits, form, stride, padding,
     acc = te.compute((n, k, oh, ow), lambda b, o, y, x: te.sum(
         dot[b, rc, o, y, x] << rc.var.astype(plan.accumulator), axis=rc), "acc")
     out = _stored(acc, epilogue, extra)
+    if out_bits:
+        out = pack_stage(out, out_bits, plan.word, "opack")
     func = te.create_prim_func([data, weight, *extra, out])
     name = (f"bitserial_conv2d_n{n}c{c}h{h}w{w}_k{k}x{kh}x{kw}_s{sh}x{sw}p{ph}x{pw}d{dh}x{dw}"
-            f"_a{a_bits}w{w_bits}{_form_tag(form)}_{epilogue.tag}_{target.kind.name}")
+            f"_a{a_bits}w{w_bits}{_form_tag(form)}_{epilogue.tag}"
+            f"{_layout_tag(packed_input, out_bits)}_{target.kind.name}")
     return _finish(schedules.schedule_conv(func, plan, target), name)
 
 
 def dense_kernel(shape_in, weight_shape, a_bits, w_bits, form, epilogue: Epilogue,
-                 target) -> tvm.tirx.PrimFunc:
+                 target, *, packed_input: bool = False) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc ``(data, weight, *epilogue inputs, out)`` for a dense layer.
 
     ``data`` int32 (N, C) holds unsigned ``a_bits`` codes; ``weight`` uint32
     ``(w_bits, K, ceil(C / 32))`` is ``pack_bits(u_w, w_bits, axis=1)``, and ``weight_shape``
-    is that shape (or the unpacked ``(K, C)``); ``out`` int32 (N, K).
+    is that shape (or the unpacked ``(K, C)``); ``out`` int32 (N, K). ``packed_input``: ``data``
+    holds the codes packed, ``packed_shape(shape_in, a_bits, target)`` words.
     """
     _check(a_bits, w_bits, form)
     n, c = _shape(shape_in, 2, "dense input")
     (k,) = _weight_dims(weight_shape, c, w_bits, 2)
     plan = schedules.dense_plan(target)
     bits, words = plan.word, -(-c // plan.word)
-    data = te.placeholder((n, c), "int32", "data")
+    data = _input((n, c), a_bits, packed_input, target)
     weight = te.placeholder((w_bits, k, -(-c // WORD)), "uint32", "weight")
     extra = epilogue.placeholders(k)
-    apack = te.compute((n, a_bits, words), lambda b, q, word: _packed_word(
-        lambda ch: data[b, ch], c, word, q, bits), "apack")
+    apack = data if packed_input else te.compute((n, a_bits, words), lambda b, q, word:
+                                                 packed_word(lambda ch: data[b, ch], c, word, q,
+                                                             bits), "apack")
     alpha, beta = _coefficients(form, w_bits)
     sv, sq = _axes(("sv", words), ("sq", a_bits))
     asum = te.compute((n,), lambda b: te.sum(
@@ -134,28 +157,43 @@ def dense_kernel(shape_in, weight_shape, a_bits, w_bits, form, epilogue: Epilogu
     acc = te.compute((n, k), lambda b, o: dot[b, o], "acc")
     out = _stored(acc, epilogue, extra)
     func = te.create_prim_func([data, weight, *extra, out])
-    name = (f"bitserial_dense_n{n}c{c}_k{k}_a{a_bits}w{w_bits}{_form_tag(form)}_{epilogue.tag}_"
-            f"{target.kind.name}")
+    name = (f"bitserial_dense_n{n}c{c}_k{k}_a{a_bits}w{w_bits}{_form_tag(form)}_{epilogue.tag}"
+            f"{_layout_tag(packed_input, 0)}_{target.kind.name}")
     return _finish(schedules.schedule_dense(func, plan, target), name)
 
 
-def _conv_planes(data: te.Tensor, a_bits: int, bits: int, out_size, kernel, stride, padding,
-                 dilation):
-    """Pack the activation codes into ``bits``-wide plane words with zero padding (stage
-    ``apad``, split by column stride phase in ``apack``) and return ``plane(b, q, word, y, x, i,
-    j)``, the word under kernel tap ``(i, j)`` of output pixel ``(y, x)``."""
-    n, c, h, w = (int(d) for d in data.shape)
+def _input(shape, a_bits: int, packed: bool, target) -> te.Tensor:
+    if packed:
+        return te.placeholder(packed_shape(shape, a_bits, target), packed_dtype(target), "data")
+    return te.placeholder(shape, "int32", "data")
+
+
+def _conv_planes(data: te.Tensor, shape, a_bits: int, bits: int, out_size, kernel, stride,
+                 padding, dilation):
+    """The ``bits``-wide plane words with zero padding (stage ``apad``: packed from the codes,
+    or a padded copy of packed ``data``; split by column stride phase in ``apack``) and return
+    ``plane(b, q, word, y, x, i, j)``, the word under kernel tap ``(i, j)`` of output pixel
+    ``(y, x)``. Packed ``data`` that needs no padding is read as it is."""
+    n, c, h, w = shape
     (oh, owp), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = out_size, kernel, stride, padding, dilation
     hp, wq = (oh - 1) * sh + (kh - 1) * dh + 1, owp + (kw - 1) * dw // sw
+    packed = str(data.dtype) != "int32"
+    guarded = bool(ph or pw or hp > h or wq * sw > w)
 
     def padded(b, q, word, y, col):
-        value = _packed_word(lambda ch: data[b, ch, y - ph, col - pw], c, word, q, bits)
-        if not (ph or pw or hp > h or wq * sw > w):
+        if packed:
+            value = data[b, q, word, y - ph, col - pw]
+        else:
+            value = packed_word(lambda ch: data[b, ch, y - ph, col - pw], c, word, q, bits)
+        if not guarded:
             return value
         inside = T.all(y >= ph, y < h + ph, col >= pw, col < w + pw)
         return T.if_then_else(inside, value, T.const(0, f"uint{bits}"))
 
-    apad = te.compute((n, a_bits, -(-c // bits), hp, wq * sw), padded, "apad")
+    if packed and not guarded:
+        apad = data
+    else:
+        apad = te.compute((n, a_bits, -(-c // bits), hp, wq * sw), padded, "apad")
     if sw == 1:
         return lambda b, q, word, y, x, i, j: apad[b, q, word, y * sh + i * dh, x + j * dw]
     apack = te.compute((n, a_bits, -(-c // bits), hp, sw, wq),
@@ -174,23 +212,6 @@ def _stored(acc: te.Tensor, epilogue: Epilogue, extra: list[te.Tensor]) -> te.Te
     return apply_epilogue(acc, epilogue, extra)
 
 
-def _packed_word(read, channels: int, word, q, bits: int):
-    """Word ``word`` (``bits`` wide) of activation plane ``q``: bit ``b`` is bit ``q`` of the
-    code of channel ``bits * word + b``, zero past the last channel."""
-    dtype = f"uint{bits}"
-    last = (channels - 1) // bits
-    total = None
-    for b in range(min(bits, channels)):
-        ch = word * bits + b
-        bit = (T.Cast(dtype, read(T.min(ch, channels - 1))) >> T.Cast(dtype, q)) \
-            & T.const(1, dtype)
-        term = bit << T.const(b, dtype)
-        if last * bits + b >= channels:
-            term = T.if_then_else(ch < channels, term, T.const(0, dtype))
-        total = term if total is None else total | term
-    return total
-
-
 def _weight_word(read, channels: int, word, bits: int):
     """Word ``word`` (``bits`` wide) of a weight plane, from its uint32 words ``read(v)``:
     uint32 word ``v`` is bits ``32 (v % r)`` on of word ``v // r``, ``r = bits / 32`` (the
@@ -206,6 +227,10 @@ def _weight_word(read, channels: int, word, bits: int):
             value = T.if_then_else(v <= last, value, T.const(0, f"uint{bits}"))
         total = value if total is None else total | value
     return total
+
+
+def _layout_tag(packed_input: bool, out_bits: int) -> str:
+    return ("_pi" if packed_input else "") + (f"_po{out_bits}" if out_bits else "")
 
 
 def _popcount(x, dtype: str):

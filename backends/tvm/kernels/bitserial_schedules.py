@@ -14,9 +14,15 @@ over rows and vectorized along them; the per-pixel activation sums are vectorize
 Only packing and the tiles run in parallel: the other stages are too small to pay for waking the
 thread pool (a few microseconds, and far more on a core shared with another process).
 
+A packed output (stage ``opack``) splits the output channels into words, then ``kb``-channel
+tiles: a (batch, word, row) task computes the word's tiles, their codes in a buffer of one row,
+then packs every plane of that row, vectorized along it. Packed input that needs padding is
+copied into a zero border like the codes are packed, else read in place.
+
 GPU: one thread per output element, which computes its accumulator in a register and applies the
-epilogue; packing and activation sums are one thread per element too. ``popcount`` becomes
-``__popc``.
+epilogue; packing and activation sums are one thread per element too. A packed output has one
+thread per output word, which computes its channels' codes into a local array and packs them.
+``popcount`` becomes ``__popc``.
 """
 
 from dataclasses import dataclass
@@ -57,17 +63,20 @@ def _is_gpu(target) -> bool:
     return target.kind.name == "cuda"
 
 
-def conv_plan(target, channels: int, width: int, w_bits: int, a_bits: int) -> Plan:
+def conv_plan(target, channels: int, width: int, w_bits: int, a_bits: int,
+              packed_output: bool = False) -> Plan:
     """Tiles of at most about 14 accumulators. Rows of up to 4 vectors keep one accumulator
     per weight ``2^(p+q)`` when there are 2 or 3 of them (measured ~15% faster at W2A2: no
-    shift or second add per popcount); wider rows or more classes would spill registers."""
+    shift or second add per popcount); wider rows or more classes would spill registers.
+    A packed output takes ``kb`` from the divisors of the channels of one output word."""
     if _is_gpu(target):
         return GPU_PLAN
     vectors = -(-width // LANES)
     xs = vectors if vectors <= 8 else _divisor(vectors, 8, 4) or 8
     classes = w_bits + a_bits - 1 if xs <= 4 and 2 <= w_bits + a_bits - 1 <= 3 else 1
     budget = (12 if classes > 1 else MAX_ACCUMULATORS) // (classes * xs)  # 12: measured
-    kb = _divisor(channels, max(1, min(8, budget, 16 // w_bits)), 1)
+    group = min(channels, 64) if packed_output else channels
+    kb = _divisor(group, max(1, min(8, budget, 16 // w_bits)), 1)
     return Plan(64, "int64", kb, xs, LANES, classes)
 
 
@@ -88,17 +97,26 @@ def schedule_conv(func: tvm.tirx.PrimFunc, plan: Plan, target) -> tvm.tirx.PrimF
         return sch.mod["main"]
     dot, acc, out = sch.get_sblock("dot"), sch.get_sblock("acc"), _output(sch)
     n, cls, k, y, x, ri, rj, rw, rp, rq = sch.get_loops(dot)
-    ko, ki = sch.split(k, [None, plan.kb])
     xo, xi, xl = sch.split(x, [None, plan.xs, plan.lanes])
-    sch.reorder(n, ko, y, xo, ri, rj, rw, rq, xi, rp, ki, cls, xl)
-    sch.reverse_compute_at(acc, y, preserve_unit_loops=True)
+    if _has(sch, "opack"):
+        kg, ko, ki = sch.split(k, [None, min(plan.word, int(sch.get(k).extent)) // plan.kb,
+                                   plan.kb])
+        sch.reorder(n, kg, y, ko, xo, ri, rj, rw, rq, xi, rp, ki, cls, xl)
+        tile, outer = ko, (n, kg, y)
+    else:
+        ko, ki = sch.split(k, [None, plan.kb])
+        sch.reorder(n, ko, y, xo, ri, rj, rw, rq, xi, rp, ki, cls, xl)
+        tile, outer = y, (n, ko, y)
+    sch.reverse_compute_at(acc, tile, preserve_unit_loops=True)
     *_, ax, rc = sch.get_loops(acc)
     sch.reorder(rc, ax)
     _vectorize_row(sch, ax)
     if not sch.get(out).same_as(sch.get(acc)):
-        sch.reverse_compute_at(out, y, preserve_unit_loops=True)
+        sch.reverse_compute_at(out, tile, preserve_unit_loops=True)
         _vectorize_row(sch, sch.get_loops(out)[-1])
-    sch.parallel(sch.fuse(n, ko, y))
+    if _has(sch, "opack"):
+        _pack_output(sch, y)
+    sch.parallel(sch.fuse(*outer))
     for loop in (rq, xi, rp, ki, cls):
         sch.unroll(loop)
     sch.vectorize(xl)
@@ -156,7 +174,8 @@ def _start_from_activation_sums(sch: s_tir.Schedule) -> None:
 
 def _output(sch: s_tir.Schedule):
     """The output block; an elementwise ``acc`` stage is inlined into it."""
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+              if sch.get(b).name_hint != "opack"]
     acc = sch.get_sblock("acc")
     if sch.get(blocks[-1]).name_hint != "acc" and _spatial_count(sch, acc) == len(
             sch.get(acc).iter_vars):
@@ -188,14 +207,32 @@ def _activation_sums(sch: s_tir.Schedule, plan: Plan) -> None:
     sch.decompose_reduction(block, reduce[0])
 
 
+def _pack_output(sch: s_tir.Schedule, row) -> None:
+    """Pack a row of output codes for the next layer once the tiles of one output word's
+    channels have stored them: per vector of pixels, every plane (the codes loaded once)."""
+    block = sch.get_sblock("opack")
+    sch.reverse_compute_at(block, row, preserve_unit_loops=True)
+    *_, q, _, _, x = sch.get_loops(block)
+    width = int(sch.get(x).extent)
+    lanes = LANES if width % LANES == 0 or width > 8 * LANES else width
+    xo, xl = sch.split(x, [None, lanes])
+    sch.reorder(xo, q, xl)
+    sch.unroll(q)
+    sch.vectorize(xl)
+
+
 def _pack(sch: s_tir.Schedule) -> None:
-    """Zero the padded packed activations, then pack the interior vectorized along rows; split
-    the columns by stride phase when the stride is above 1."""
-    block = sch.get_sblock("apad")
+    """Zero the padded packed activations, then pack (or copy, when the input is packed) the
+    interior vectorized along rows; split the columns by stride phase when the stride is above
+    1. Packed input that needs no padding has neither stage."""
+    blocks = [sch.get_sblock(name) for name in ("apad", "apack") if _has(sch, name)]
+    if not blocks:
+        return
+    block = blocks[0]
     value = sch.get(block).body.value
-    if isinstance(value, tvm.ir.Call) and value.op.name.endswith("if_then_else"):
+    if sch.get(block).name_hint == "apad" and isinstance(value, tvm.ir.Call) \
+            and value.op.name.endswith("if_then_else"):
         sch.decompose_padding(block, sch.get_loops(block)[0])
-    blocks = [block, sch.get_sblock("apack")] if _has(sch, "apack") else [block]
     for block in blocks:
         *outer, x = sch.get_loops(block)
         sch.parallel(sch.fuse(*outer))
@@ -206,11 +243,22 @@ def _pack(sch: s_tir.Schedule) -> None:
 
 def _gpu(sch: s_tir.Schedule) -> None:
     """One thread per element of every stage; ``dot`` is computed by the thread that applies
-    the epilogue to it, in a register."""
+    the epilogue to it, in a register. A packed output has one thread per output word, which
+    computes the codes of the word's channels into a local array, then packs every plane."""
     out = _output(sch)
     blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
               if sch.get(b).name_hint in ("apad", "apack", "asum")]
-    for block in [*blocks, out]:
+    if _has(sch, "opack"):
+        n, q, v, y, x = sch.get_loops(sch.get_sblock("opack"))
+        sch.reorder(n, v, y, x, q)
+        bx, tx = sch.split(sch.fuse(n, v, y, x), [None, GPU_THREADS])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        sch.set_scope(out, 0, "local")
+        sch.compute_at(out, tx, preserve_unit_loops=True)
+    else:
+        blocks.append(out)
+    for block in blocks:
         loops = sch.get_loops(block)
         spatial = _spatial_count(sch, block)
         bx, tx = sch.split(sch.fuse(*loops[:spatial]), [None, GPU_THREADS])
