@@ -19,6 +19,16 @@ def images(kind: str, count: int = 16) -> torch.Tensor:
     return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
+def held_out(arch: str, count: int = 16) -> torch.Tensor:
+    """Inputs the models were not calibrated on: the next digits, or other random images. A
+    calibration can put a decision threshold exactly on a value it saw (a clipping range ending
+    at the batch's largest activation), where two runtimes' rounding rules then differ; a user's
+    inputs are not the calibration batch."""
+    if arch == "small":
+        return load_builtin("mnist5k").test_x[count:2 * count]
+    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+
+
 def quantized(arch: str, method: str, bits: int, count: int = 16
               ) -> tuple[fx.GraphModule, torch.Tensor]:
     """``arch`` (``small`` or a torchvision name) with randomized batch norms, quantized at

@@ -26,6 +26,7 @@ import onnxruntime as ort
 import torch
 from torch import fx
 
+from quantized_models import held_out
 from quantized_models import quantized as quantized_model
 from qcompile.quant import Quantizer
 from qcompile.quant.layers import quantizable_layers
@@ -35,9 +36,10 @@ TIE = 2e-5
 
 
 def quantized(arch: str, method: str, bits: int) -> tuple[fx.GraphModule, torch.Tensor]:
-    """The shared test model (32 digits for the small CNN) in eval mode with hard quantizers."""
-    qm, x = quantized_model(arch, method, bits, count=32)
-    return hard(qm), x
+    """The shared test model (calibrated on 32 digits for the small CNN) in eval mode with hard
+    quantizers, and a test batch it was not calibrated on."""
+    qm, _ = quantized_model(arch, method, bits, count=32)
+    return hard(qm), held_out(arch, count=32)
 
 
 def hard(qm: fx.GraphModule) -> fx.GraphModule:
