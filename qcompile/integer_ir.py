@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from qcompile.packing import packed_bytes, unpack_bits
+from qcompile.requantization import FixedPoint
 
 INT32_MAX = 2**31 - 1
 
@@ -208,16 +209,15 @@ class Requantize:
 
     Per channel ``c`` (dimension 1; one row for all channels when ``thresholds`` has one row):
     ``u = #{k : direction[c] * V >= thresholds[c, k]}``, thresholds non-decreasing. Where the
-    staircase is uniform enough, ``fixed_point`` holds per-channel ``(multiplier, offset)`` and
-    ``shift`` that give the same ``u`` as ``clamp((direction * V * multiplier + offset) >> shift,
-    0, len(levels) - 1)`` on every ``|V| <= bound``.
+    staircase is uniform enough, ``fixed_point`` (:class:`~qcompile.requantization.FixedPoint`)
+    gives the same ``u`` by a multiply, add and shift on every ``|V| <= bound``.
     """
 
     name: str
     input: str
     thresholds: torch.Tensor
     direction: torch.Tensor
-    fixed_point: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    fixed_point: FixedPoint | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,12 +19,14 @@ can disagree only where ``y`` lies within float32 rounding of a threshold (a rou
 the staircase rounds up, where ``torch.round`` rounds half to even).
 
 A uniform staircase also has a fixed-point form, ``u = clamp((V * m + o) >> shift, 0, n)``, one
-multiply, add and shift instead of ``n`` compares. :func:`fixed_point` searches for ``m``, ``o``
+multiply, add and shift instead of ``n`` compares (and a compare and a max more where a clamp
+before the quantizer lands several codes on one threshold: :class:`FixedPoint`). :func:`fixed_point` searches for ``m``, ``o``
 and ``shift`` and keeps them only when they give the thresholds exactly on the whole range of
 ``V`` (an interval check per threshold, so "exact" is proved, not sampled).
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -92,19 +94,69 @@ def apply_staircase(v: torch.Tensor, thresholds: torch.Tensor, direction: torch.
 
 
 def apply_fixed_point(v: torch.Tensor, direction: torch.Tensor, multiplier: torch.Tensor,
-                      offset: torch.Tensor, shift: int, top: int) -> torch.Tensor:
-    """``clamp((direction * V * multiplier + offset) >> shift, 0, top)`` per channel (int64)."""
+                      offset: torch.Tensor, shift: int, top: int,
+                      start: torch.Tensor | None = None, floor: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """``clamp((direction * V * multiplier + offset) >> shift, 0, top)`` per channel (int64);
+    with ``start`` and ``floor``, ``clamp(..., floor, top)`` where ``direction * V >= start`` and
+    0 below it."""
     shape = [1] * v.dim()
     if multiplier.shape[0] > 1:
         shape[1] = multiplier.shape[0]
-    total = v * (direction * multiplier).reshape(shape) + offset.reshape(shape)
-    return torch.clamp(total >> shift, 0, top)
+    signed = v * direction.reshape(shape)
+    line = (signed * multiplier.reshape(shape) + offset.reshape(shape)) >> shift
+    if start is None:
+        return torch.clamp(line, 0, top)
+    codes = torch.minimum(torch.maximum(line, floor.reshape(shape)), torch.tensor(top))
+    return torch.where(signed >= start.reshape(shape), codes, torch.zeros_like(codes))
 
 
-def fixed_point(thresholds: torch.Tensor, bound: int
-                ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """Per-channel ``(multiplier, offset)`` and one ``shift`` that reproduce ``thresholds``
-    (C, n) on ``|V| <= bound``, or None when no shift up to :data:`MAX_SHIFT` does.
+@dataclass(frozen=True, eq=False)
+class FixedPoint:
+    """The fixed-point form of a staircase (:func:`apply_fixed_point`): per-channel
+    ``multiplier`` and ``offset``, one ``shift``, and per-channel ``start`` and ``floor`` (both or
+    neither)."""
+
+    multiplier: torch.Tensor
+    offset: torch.Tensor
+    shift: int
+    start: torch.Tensor | None = None
+    floor: torch.Tensor | None = None
+
+    def apply(self, v: torch.Tensor, direction: torch.Tensor, top: int) -> torch.Tensor:
+        return apply_fixed_point(v, direction, self.multiplier, self.offset, self.shift, top,
+                                 self.start, self.floor)
+
+
+def fixed_point(thresholds: torch.Tensor, bound: int) -> FixedPoint | None:
+    """The :class:`FixedPoint` that reproduces ``thresholds`` (C, n) on ``|V| <= bound``, or
+    None when no shift up to :data:`MAX_SHIFT` gives one.
+
+    The line alone is tried first. A clamp before the quantizer (ReLU into a quantizer whose zero
+    point sits mid-range) lands the first ``j`` codes on one threshold ``t_1``, a jump (or, below
+    the range, a flat stretch) no line makes; then ``start = t_1`` sends everything below it to
+    code 0, ``floor = j`` holds the codes from there on at ``j`` or more, and the line is fitted
+    to the thresholds above ``t_1`` only, on ``[t_1, bound]``.
+    """
+    t = thresholds.numpy().astype(np.int64)
+    if t.shape[1] == 0 or bound >= 2**31:
+        return None
+    every = np.zeros(t.shape, dtype=bool)
+    whole = _fit(t, every, np.full(len(t), -bound, dtype=np.int64), bound)
+    if whole is not None:
+        return FixedPoint(*whole)
+    tied = t == t[:, :1]
+    above = _fit(t, tied, np.clip(t[:, 0], -bound, bound), bound)
+    if above is None:
+        return None
+    floor = torch.from_numpy(tied.sum(axis=1).astype(np.int64))
+    return FixedPoint(*above, torch.from_numpy(t[:, 0].copy()), floor)
+
+
+def _fit(t: np.ndarray, skipped: np.ndarray, low: np.ndarray, high: int
+         ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """The line ``(V * m + o) >> shift`` that reaches code ``k`` exactly at ``t_k`` for every
+    ``V`` in ``[low[c], high]``, thresholds where ``skipped`` aside.
 
     For a multiplier ``m > 0`` the fixed-point code reaches ``k`` at ``ceil((k 2^s - o) / m)``, so
     each threshold ``t_k`` inside the range confines ``o`` to ``[k 2^s - m t_k, k 2^s - m t_k + m)``
@@ -112,27 +164,26 @@ def fixed_point(thresholds: torch.Tensor, bound: int
     which bounds ``m / 2^s`` between the slopes of :func:`_slope_bounds`; the smallest ``m`` above
     the lower bound is taken and the offset checked against every threshold at once.
     """
-    t = thresholds.numpy().astype(np.int64)
-    if t.shape[1] == 0 or bound >= 2**31:
-        return None
     k = np.arange(1, t.shape[1] + 1, dtype=np.int64)
-    inside = (t > -bound) & (t <= bound)
-    always = t <= -bound
+    low = low[:, None]
+    inside = (t > low) & (t <= high) & ~skipped
+    always = (t <= low) & ~skipped
+    never = (t > high) & ~skipped
     lowest, highest = np.iinfo(np.int64).min, np.iinfo(np.int64).max
     slope_low, slope_high = _slope_bounds(t, inside)
     for shift in range(MAX_SHIFT + 1):
         one = 1 << shift
         m = np.floor(slope_low * one).astype(np.int64) + 1
         if (m >= slope_high * one).any() or (m > MAX_MULTIPLIER).any() or (
-                m * bound >= 2**61).any():
+                m * high >= 2**61).any():
             continue
         m = m[:, None]
-        low = np.where(inside, k * one - m * t, np.where(always, k * one + m * bound, lowest))
-        high = np.where(inside, k * one - m * t + m,
-                        np.where(always, highest, k * one - m * bound))
-        low, high = low.max(axis=1), high.min(axis=1)
-        if (low < high).all():
-            offset = np.where(low > lowest, low, np.minimum(high - 1, 0))
+        floor = np.where(inside, k * one - m * t, np.where(always, k * one - m * low, lowest))
+        ceiling = np.where(inside, k * one - m * t + m,
+                           np.where(never, k * one - m * high, highest))
+        floor, ceiling = floor.max(axis=1), ceiling.min(axis=1)
+        if (floor < ceiling).all():
+            offset = np.where(floor > lowest, floor, np.minimum(ceiling - 1, 0))
             return torch.from_numpy(m[:, 0].copy()), torch.from_numpy(offset), shift
     return None
 

@@ -108,12 +108,43 @@ def test_fixed_point_form_equals_the_staircase_on_the_whole_range(ratio, bias, b
                                    decision_thresholds(spec), BOUND, 0.0)
     found = fixed_point(integer, BOUND)
     assert found is not None, "a uniform staircase has a fixed-point form"
-    multiplier, offset, shift = found
+    assert found.start is None, "the line alone fits a staircase whose thresholds are distinct"
     v = accumulators(1)
-    assert torch.equal(apply_fixed_point(v, direction, multiplier, offset, shift, 2**bits - 1),
+    assert torch.equal(apply_fixed_point(v, direction, found.multiplier, found.offset,
+                                         found.shift, 2**bits - 1),
+                       apply_staircase(v, integer, direction))
+
+
+@SETTINGS
+@given(st.lists(st.floats(1e-4, 0.5), min_size=1, max_size=4), st.floats(-3.0, 3.0),
+       st.integers(2, 8), st.sampled_from([1, -1]), st.floats(-2.0, 2.0))
+def test_fixed_point_after_a_clamp_starts_at_the_first_threshold(ratios, bias, bits, sign, low):
+    """A ReLU (any clamp) into a quantizer whose zero point sits mid-range lands the codes below
+    it on one threshold; the fixed-point form then needs ``start``, and stays exact."""
+    spec = IntegerSpec(bits, torch.arange(2**bits), torch.tensor([0.25]),
+                       torch.tensor([2 ** (bits - 1)]))
+    scale = sign * torch.tensor(ratios, dtype=torch.float64)
+    integer, direction = staircase(scale, torch.tensor([bias], dtype=torch.float64),
+                                   decision_thresholds(spec), BOUND, low)
+    found = fixed_point(integer, BOUND)
+    assert found is not None
+    v = accumulators(len(ratios))
+    assert torch.equal(found.apply(v, direction, 2**bits - 1),
                        apply_staircase(v, integer, direction))
 
 
 def test_fixed_point_refuses_a_non_uniform_staircase():
     integer = torch.tensor([[0, 1, 50, 51, 400]])
     assert fixed_point(integer, BOUND) is None
+
+
+def test_relu_into_a_mid_range_zero_point_needs_start_and_floor():
+    """ReLU into a 3-bit quantizer with zero point 4: codes 0-3 are never reached (always passed),
+    4 holds on the whole negative range, and one accumulator step moves two codes."""
+    integer = torch.tensor([[-BOUND - 1] * 4 + [1, 1, 2]])
+    direction = torch.tensor([1])
+    found = fixed_point(integer, BOUND)
+    assert found is not None and found.start is not None
+    assert found.floor.tolist() == [4]
+    v = accumulators(1)
+    assert torch.equal(found.apply(v, direction, 7), apply_staircase(v, integer, direction))

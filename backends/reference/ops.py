@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompile import integer_ir as ir
-from qcompile.requantization import apply_fixed_point, apply_staircase
+from qcompile.requantization import apply_staircase
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -82,9 +82,7 @@ def reshape(op: ir.Reshape, values, graph) -> torch.Tensor:
 def requantize(op: ir.Requantize, values, graph) -> torch.Tensor:
     v = _source_integers(op.input, values, graph)
     if op.fixed_point is not None:
-        multiplier, offset, shift = op.fixed_point
-        return apply_fixed_point(v, op.direction, multiplier, offset, shift,
-                                 op.thresholds.shape[1])
+        return op.fixed_point.apply(v, op.direction, op.thresholds.shape[1])
     return apply_staircase(v, op.thresholds, op.direction)
 
 

@@ -9,26 +9,36 @@ two's-complement or bipolar form, bits <= 4, groups = 1) and direct otherwise
 accumulator only feeds one requantization gets it as a fused epilogue, so the accumulator never
 reaches memory. Values between ops are int32 tensors of codes (or accumulators).
 
-The module has two functions of the same program: ``main(x, *params) -> logits`` and
-``trace(x, *params) -> (value, ...)``, every value by name (:data:`Lowered.traced`), which
-``verify`` compares with the simulated model. Parameters (packed weight words, thresholds,
-scales) are function inputs, not constants, so the artifact stores them once, packed.
+Between layers the lowering moves less data than the ops literally say
+(:mod:`.glue_plan`): affine codes reach their consumers as codes, residual adds are folded into
+their readers, small-range requantizations are tables, and a max pool after a requantization
+pools the accumulator first.
+
+The module has two functions of the same program (:mod:`.relax_module`): ``main(x, *params)
+-> logits`` and ``trace(x, *params) -> (value, ...)``, every value by name
+(:data:`Lowered.traced`), which ``verify`` compares with the simulated model; values ``main``
+computes another way are computed in ``trace`` only, so every value of the program is still
+checked. Parameters (packed weight words, thresholds, scales) are function inputs, not
+constants, so the artifact stores them once, packed.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import tvm
-from tvm import relax
 
 from qcompile import integer_ir as ir
 from qcompile.backends.reference import run as reference_run
-from qcompile.backends.tvm.kernels import glue
+from qcompile.backends.tvm import glue_plan
+from qcompile.backends.tvm.kernels import glue, pooling
 from qcompile.backends.tvm.kernels.epilogue import Epilogue
+from qcompile.backends.tvm.kernels.glue import Terms
+from qcompile.backends.tvm.relax_module import Call, build_module
 from qcompile.errors import NotDeployableError
 
 BITSERIAL_BITS = 4
+ONE = Terms((1,))
 
 
 @dataclass
@@ -61,12 +71,14 @@ class _Builder:
         self.shapes = shapes
         self.target = target
         self.params: list[np.ndarray] = []
-        self.param_vars: list[relax.Var] = []
         self.kernels: dict[str, tvm.tirx.PrimFunc] = {}
         self.kernel_kinds: dict[str, str] = {}
         self.fused: dict[str, ir.Requantize] = {}
         self.traced: list[str] = []
-        self.calls: list[tuple[str, str, list, tuple, str]] = []
+        self.calls: list[Call] = []
+        self.folded: dict[str, tuple[list[str], Terms]] = {}
+        self.pooled_first: dict[str, ir.MaxPool] = {}
+        self.pooled: dict[tuple, str] = {}
 
     # -- planning: which kernel computes each value -------------------------------------------
 
@@ -80,24 +92,33 @@ class _Builder:
                 after = readers.get(op.name, [])
                 if len(after) == 1 and isinstance(after[0], ir.Requantize):
                     self.fused[after[0].name] = op
+        self.pooled_first = glue_plan.pooled_first(self.graph, readers, self.fused)
+        self.readers = readers
         for op in self.graph.ops:
             if isinstance(op, (ir.Conv, ir.Linear)) and any(
                     r is op for r in self.fused.values()):
                 continue
             getattr(self, f"_plan_{type(op).__name__.lower()}")(op)
 
-    def _call(self, value: str, symbol: str, func, args: list, dtype: str = "int32") -> None:
+    def _call(self, value: str, symbol: str, func, args: list, dtype: str = "int32",
+              trace_only: bool = False) -> None:
         """Record ``value = func(*args)``; ``args`` are value names or parameter arrays."""
         if symbol not in self.kernels:
             self.kernels[symbol] = func() if callable(func) else func
-        self.calls.append((value, symbol, args, self.shapes[value], dtype))
+        self.calls.append(Call(value, symbol, args, self.shapes[value], dtype, trace_only))
         self.traced.append(value)
 
-    def _integers(self, name: str) -> str:
-        """The value holding the integers ``name``'s codes stand for (a lookup when needed)."""
+    def _integers(self, name: str) -> tuple[list[str], Terms]:
+        """The values and terms giving the integers ``name`` stands for: codes with affine
+        levels as they are, a folded add as its inputs' terms, a lookup for tabled levels."""
+        if name in self.folded:
+            return self.folded[name]
         fmt = self.graph.values.get(name)
-        if not isinstance(fmt, ir.CodeFormat) or _identity(fmt.levels):
-            return name
+        if not isinstance(fmt, ir.CodeFormat):
+            return [name], ONE
+        affine = glue_plan.affine_levels(fmt.levels)
+        if affine is not None:
+            return [name], Terms((affine[0],), affine[1])
         value = f"{name}:integers"
         shape = self.shapes[name]
         self.shapes[value] = shape
@@ -105,7 +126,23 @@ class _Builder:
         self._call(value, symbol,
                    lambda: glue.lookup(shape, len(fmt.levels), self.target, symbol),
                    [name, np.ascontiguousarray(fmt.levels.numpy().astype("int32"))])
+        return [value], ONE
+
+    def _materialized(self, name: str) -> str:
+        """A value holding the integers ``name`` stands for (for kernels that read one)."""
+        sources, terms = self._integers(name)
+        if terms == ONE:
+            return sources[0]
+        value = f"{name}:integers"
+        self.shapes[value] = shape = self.shapes[name]
+        self._emit_add(value, sources, terms, shape)
         return value
+
+    def _emit_add(self, value: str, sources: list[str], terms: Terms, shape,
+                  trace_only: bool = False) -> None:
+        symbol = f"add{len(sources)}_{_shape_tag(shape)}{terms.tag}"
+        self._call(value, symbol, lambda: glue.add(shape, terms, self.target, symbol), sources,
+                   trace_only=trace_only)
 
     def _plan_quantize(self, op: ir.Quantize) -> None:
         spec, shape = op.spec, self.shapes[op.input]
@@ -132,13 +169,34 @@ class _Builder:
         if layer is not None:
             self._plan_layer(layer, op.name, epilogue, extra)
             return
-        source = self._integers(op.input)
-        shape = self.shapes[source]
+        pool = self.pooled_first.get(op.name)
+        if pool is None:
+            self._requantize(op.name, op, *self._integers(op.input), epilogue, extra)
+            return
+        self._requantize(op.name, op, [op.input], ONE, epilogue, extra, trace_only=True)
+        pooled = self._max_pooled(op.input, pool, op.direction)
+        rising = replace(op, direction=torch.ones_like(op.direction))
+        self._requantize(pool.name, rising, [pooled], ONE, *_epilogue(rising))
+
+    def _requantize(self, value: str, op: ir.Requantize, sources: list[str], terms: Terms,
+                    epilogue: Epilogue, extra: list, trace_only: bool = False) -> None:
+        shape = self.shapes[value]
+        table = glue_plan.staircase_table(op, self.graph.values.get(op.input))
+        if table is not None:
+            low, codes = table
+            symbol = (f"requantize_table{_shape_tag(codes.shape)}{codes.dtype}_"
+                      f"{_shape_tag(shape)}{terms.tag}_l{low}").replace("-", "m")
+            self._call(value, symbol,
+                       lambda: glue.requantize_table(shape, terms, low, codes.shape,
+                                                     str(codes.dtype), self.target, symbol),
+                       [*sources, codes], trace_only=trace_only)
+            return
         channels = shape[1] if len(shape) > 1 else 1
-        symbol = f"requantize_{epilogue.tag}_{_shape_tag(shape)}"
-        self._call(op.name, symbol,
-                   lambda: glue.requantize(shape, epilogue, channels, self.target, symbol),
-                   [source, *extra])
+        symbol = f"requantize_{epilogue.tag}_{_shape_tag(shape)}{terms.tag}"
+        self._call(value, symbol,
+                   lambda: glue.requantize(shape, epilogue, channels, self.target, symbol,
+                                           terms),
+                   [*sources, *extra], trace_only=trace_only)
 
     def _plan_conv(self, op: ir.Conv) -> None:
         self._plan_layer(op, op.name, Epilogue(), [])
@@ -173,7 +231,7 @@ class _Builder:
             self.kernel_kinds[op.layer] = "bit-serial"
             self._call(value, symbol, build, [op.input, np.ascontiguousarray(weight.words), *extra])
             return
-        data = self._integers(op.input)
+        data = self._materialized(op.input)
         integers = weight.integers.numpy()
         dtype = direct.weight_dtype(integers)
         span = (int(fmt.levels.min()), int(fmt.levels.max()))
@@ -194,37 +252,67 @@ class _Builder:
         self._call(value, symbol, build, [data, np.ascontiguousarray(stored), *extra])
 
     def _plan_add(self, op: ir.Add) -> None:
-        sources = [self._integers(name) for name in op.inputs]
-        shape = self.shapes[op.name]
-        symbol = f"add{len(sources)}_{_shape_tag(shape)}"
-        self._call(op.name, symbol, lambda: glue.add(shape, len(sources), self.target, symbol),
-                   sources)
+        sources, terms = [], Terms(())
+        for name in op.inputs:
+            more, extra = self._integers(name)
+            sources, terms = sources + more, terms + extra
+        fold = glue_plan.folds_add(op, len(sources), self.readers.get(op.name, []), self.graph,
+                                   self.pooled_first)
+        if fold:
+            self.folded[op.name] = (sources, terms)
+        self._emit_add(op.name, sources, terms, self.shapes[op.name], trace_only=fold)
 
     def _plan_sumpool(self, op: ir.SumPool) -> None:
-        source = self._integers(op.input)
-        shape = self.shapes[source]
-        spatial = shape[2:]
-        if op.output_size is not None:
-            windows = [glue.adaptive_windows(n, o) for n, o in zip(spatial, op.output_size,
-                                                                    strict=True)]
-        else:
-            windows = [glue.fixed_windows(n, k, s, p, 1, False) for n, k, s, p in
-                       zip(spatial, op.kernel, op.stride, op.padding, strict=True)]
-        self._pool(op.name, source, windows, "sum")
+        sources, terms = self._integers(op.input)
+        if len(sources) > 1:
+            sources, terms = [self._materialized(op.input)], ONE
+        shape = self.shapes[sources[0]]
+        if op.output_size is None:
+            self._fixed_pool(op.name, sources[0], op.kernel, op.stride, op.padding, False, "sum",
+                             terms)
+            return
+        windows = [pooling.adaptive_windows(n, o)
+                   for n, o in zip(shape[2:], op.output_size, strict=True)]
+        tag = "_".join(_shape_tag((w.count, *w.start, *w.stop)) for w in windows)
+        symbol = f"sumpool_{_shape_tag(shape)}_{tag}{terms.tag}"
+        self._call(op.name, symbol,
+                   lambda: pooling.window_pool(shape, windows, "sum", self.target, symbol, terms),
+                   sources)
 
     def _plan_maxpool(self, op: ir.MaxPool) -> None:
         if any(d != 1 for d in op.dilation):
             raise NotDeployableError(f"{op.name}: dilated max pooling")
-        shape = self.shapes[op.input]
-        windows = [glue.fixed_windows(n, k, s, p, 1, op.ceil_mode) for n, k, s, p in
-                   zip(shape[2:], op.kernel, op.stride, op.padding, strict=True)]
-        self._pool(op.name, op.input, windows, "max")
+        if op.input in self.pooled_first:
+            return
+        self._fixed_pool(op.name, op.input, op.kernel, op.stride, op.padding, op.ceil_mode,
+                         "max", ONE)
 
-    def _pool(self, value: str, source: str, windows, mode: str) -> None:
+    def _max_pooled(self, source: str, op: ir.MaxPool, direction: torch.Tensor) -> str:
+        """The value ``op``'s max pool of ``direction * source`` (computed once)."""
+        signs = tuple(direction.reshape(-1).tolist())
+        key = (source, op.kernel, op.stride, op.padding, op.ceil_mode, signs)
+        if key not in self.pooled:
+            value = self.pooled[key] = f"{source}:maxpool{len(self.pooled)}"
+            self.shapes[value] = self.shapes[op.name]
+            signed = any(s < 0 for s in signs)
+            sign = np.ascontiguousarray(np.broadcast_to(
+                np.array(signs, dtype="int32"), (self.shapes[source][1],)))
+            self._fixed_pool(value, source, op.kernel, op.stride, op.padding, op.ceil_mode,
+                             "max", ONE, [sign] if signed else [])
+        return self.pooled[key]
+
+    def _fixed_pool(self, value: str, source: str, kernel, stride, padding, ceil_mode: bool,
+                    mode: str, terms: Terms, sign: list | None = None) -> None:
         shape = self.shapes[source]
-        symbol = f"{mode}pool_{_shape_tag(shape)}_{abs(hash(str(windows))) % 10**8}"
+        counts = tuple(pooling.fixed_windows(n, k, s, p, 1, ceil_mode).count
+                       for n, k, s, p in zip(shape[2:], kernel, stride, padding, strict=True))
+        symbol = (f"{mode}pool_{_shape_tag(shape)}_k{_shape_tag(kernel)}s{_shape_tag(stride)}"
+                  f"p{_shape_tag(padding)}o{_shape_tag(counts)}{terms.tag}"
+                  f"{'_signed' if sign else ''}")
         self._call(value, symbol,
-                   lambda: glue.window_pool(shape, windows, mode, self.target, symbol), [source])
+                   lambda: pooling.fixed_pool(shape, kernel, stride, padding, counts, mode,
+                                              self.target, symbol, terms, bool(sign)),
+                   [source, *(sign or [])])
 
     def _plan_reshape(self, op: ir.Reshape) -> None:
         shape_in, shape_out = self.shapes[op.input], self.shapes[op.name]
@@ -241,49 +329,26 @@ class _Builder:
 
     def _plan_dequantize(self, op: ir.Dequantize) -> None:
         fmt = self.graph.values[op.input]
-        source = self._integers(op.input)
-        shape = self.shapes[source]
+        sources, terms = self._integers(op.input)
+        shape = self.shapes[sources[0]]
         if isinstance(fmt, ir.CodeFormat):
             scale, bias = np.array([fmt.scale]), np.zeros(1)
         else:
             scale, bias = fmt.scale.numpy(), fmt.bias.numpy()
         channels = len(scale)
-        symbol = f"dequantize_{_shape_tag(shape)}_{channels}"
+        symbol = f"dequantize_{_shape_tag(shape)}_{channels}{terms.tag}"
         self._call(op.name, symbol,
-                   lambda: glue.dequantize(shape, channels, op.low, op.high, self.target, symbol),
-                   [source, np.ascontiguousarray(scale.astype("float64")),
+                   lambda: glue.dequantize(shape, channels, op.low, op.high, self.target, symbol,
+                                           terms),
+                   [*sources, np.ascontiguousarray(scale.astype("float64")),
                     np.ascontiguousarray(bias.astype("float64"))], dtype="float32")
 
     # -- building the Relax module ------------------------------------------------------------
 
     def build(self, input_shape) -> tvm.IRModule:
-        bb = relax.BlockBuilder()
-        symbols = {}
-        for name, func in self.kernels.items():
-            symbols[name] = bb.add_func(func.with_attr("global_symbol", name), name)
-        arrays = []
-        for _, _, args, _, _ in self.calls:
-            arrays += [a for a in args if isinstance(a, np.ndarray)]
-        self.params = arrays
-        for function, returns_all in (("main", False), ("trace", True)):
-            x = relax.Var("x", relax.TensorType(tuple(input_shape), "float32"))
-            params = [relax.Var(f"p{k}", relax.TensorType(a.shape, str(a.dtype)))
-                      for k, a in enumerate(arrays)]
-            with bb.function(function, [x, *params]):
-                with bb.dataflow():
-                    env = {self.graph.inputs[0]: x}
-                    next_param = iter(params)
-                    for value, symbol, args, shape, dtype in self.calls:
-                        inputs = [next(next_param) if isinstance(a, np.ndarray) else env[a]
-                                  for a in args]
-                        env[value] = bb.emit(relax.call_tir(
-                            symbols[symbol], inputs, relax.TensorType(shape, dtype)))
-                    if returns_all:
-                        out = bb.emit_output(relax.Tuple([env[v] for v in self.traced]))
-                    else:
-                        out = bb.emit_output(env[self.graph.output])
-                bb.emit_func_output(out)
-        return bb.get()
+        module, self.params = build_module(self.kernels, self.calls, self.traced,
+                                           self.graph.inputs[0], self.graph.output, input_shape)
+        return module
 
 
 def _epilogue(op: ir.Requantize) -> tuple[Epilogue, list[np.ndarray]]:
@@ -291,9 +356,12 @@ def _epilogue(op: ir.Requantize) -> tuple[Epilogue, list[np.ndarray]]:
     levels = op.thresholds.shape[1]
     direction = op.direction.numpy().astype("int64")
     if op.fixed_point is not None:
-        multiplier, offset, shift = op.fixed_point
-        return (Epilogue("fixed_point", levels, rows > 1, shift),
-                [multiplier.numpy().astype("int64"), offset.numpy().astype("int64"), direction])
+        form = op.fixed_point
+        floor = [] if form.start is None else [form.start.numpy().astype("int64"),
+                                                form.floor.numpy().astype("int64")]
+        return (Epilogue("fixed_point", levels, rows > 1, form.shift, form.start is not None),
+                [form.multiplier.numpy().astype("int64"), form.offset.numpy().astype("int64"),
+                 direction, *floor])
     return (Epilogue("thresholds", levels, rows > 1),
             [op.thresholds.numpy().astype("int64"), direction])
 

@@ -8,7 +8,9 @@ three compute the same integers as :mod:`qcompile.requantization` (the reference
   ``thresholds`` int64 (rows, n) and ``direction`` int64 (rows,)), counted one by one for a few
   thresholds and group by group for many;
 - ``fixed_point``: ``code = clamp((direction * acc * multiplier + offset) >> shift, 0, n)`` in
-  int64 (extra inputs ``multiplier``, ``offset``, ``direction``, int64 (rows,)).
+  int64 (extra inputs ``multiplier``, ``offset``, ``direction``, int64 (rows,)); with ``start``,
+  ``clamp(..., floor, n)`` where ``direction * acc >= start`` and 0 below (two more int64
+  (rows,) inputs, ``start`` and ``floor``: :class:`qcompile.requantization.FixedPoint`).
 
 ``rows`` is the output channel count when ``per_channel``, else 1. Codes are stored as int32.
 """
@@ -29,6 +31,7 @@ class Epilogue:
     levels: int = 0
     per_channel: bool = True
     shift: int = 0
+    start: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -41,9 +44,9 @@ class Epilogue:
             return [te.placeholder((rows, self.levels), "int64", name="thresholds"),
                     te.placeholder((rows,), "int64", name="direction")]
         if self.kind == "fixed_point":
-            return [te.placeholder((rows,), "int64", name="multiplier"),
-                    te.placeholder((rows,), "int64", name="offset"),
-                    te.placeholder((rows,), "int64", name="direction")]
+            names = ["multiplier", "offset", "direction"] + (["start", "floor"] if self.start
+                                                             else [])
+            return [te.placeholder((rows,), "int64", name=name) for name in names]
         return []
 
     @property
@@ -53,7 +56,7 @@ class Epilogue:
             return "acc"
         rows = "c" if self.per_channel else "t"
         shift = self.shift if self.kind == "fixed_point" else ""
-        return f"{self.kind[0]}{self.levels}{rows}{shift}"
+        return f"{self.kind[0]}{self.levels}{rows}{shift}{'s' if self.start else ''}"
 
 
 def apply_epilogue(acc: te.Tensor, epilogue: Epilogue, extra: list[te.Tensor],
@@ -78,14 +81,19 @@ def apply_epilogue(acc: te.Tensor, epilogue: Epilogue, extra: list[te.Tensor],
             return _search(signed, thresholds, row(index), epilogue.levels)
 
         return te.compute(acc.shape, count, name=name)
-    multiplier, offset, direction = extra
+    multiplier, offset, direction = extra[:3]
 
     def fixed(*index):
         r = row(index)
-        value = acc(*index).astype("int64") * direction[r] * multiplier[r] + offset[r]
-        shifted = tirx.shift_right(value, tirx.const(epilogue.shift, "int64"))
-        return tirx.max(tirx.min(shifted, tirx.const(epilogue.levels, "int64")),
-                        tirx.const(0, "int64")).astype("int32")
+        signed = acc(*index).astype("int64") * direction[r]
+        shifted = tirx.shift_right(signed * multiplier[r] + offset[r],
+                                   tirx.const(epilogue.shift, "int64"))
+        low = extra[4][r] if epilogue.start else tirx.const(0, "int64")
+        code = tirx.max(tirx.min(shifted, tirx.const(epilogue.levels, "int64")),
+                        low).astype("int32")
+        if not epilogue.start:
+            return code
+        return tirx.Select(signed >= extra[3][r], code, tirx.const(0, "int32"))
 
     return te.compute(acc.shape, fixed, name=name)
 

@@ -1,16 +1,22 @@
 """The small ops between layers, as scheduled TIR kernels: every op of the integer program that
-is not a conv or linear layer.
+is not a conv, linear or pooling layer (pooling: :mod:`.pooling`).
 
 Each builder returns a PrimFunc whose last parameter is the output; the others are the op's
-inputs and then its parameters (lookup tables, thresholds), which the lowering passes as
-constants or model parameters. Windows (pooling) are written out as sums and maxima of shifted
-reads rather than TE reductions, so every kernel is one elementwise loop nest and one schedule
-serves them all: :func:`schedule_elementwise` (all loops fused, then parallel + vectorized on CPU,
-or split over blocks and threads on CUDA).
+inputs and then its parameters (lookup tables, thresholds), which the lowering passes as model
+parameters. Every kernel is one elementwise loop nest, and one schedule serves them all:
+:func:`schedule_elementwise` (all loops fused, then parallel + vectorized on CPU, or split over
+blocks and threads on CUDA).
+
+Integers enter a kernel as :class:`Terms` of its int32 inputs, ``sum_k a_k x_k + b``: codes whose
+levels are affine in the code (``levels[u] = a u + b``, e.g. ``u - zero_point``) are read as
+codes and their integers formed in registers, so no lookup kernel writes them out first; a
+residual add read by a requantization is folded into it the same way.
 """
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import te, tirx
 
@@ -21,15 +27,67 @@ CUDA_THREADS = 256
 VECTOR = 16
 
 
+@dataclass(frozen=True)
+class Terms:
+    """The integers ``sum_k scales[k] * x_k + offset`` of int32 inputs ``x_k`` (int32 by the
+    program's static bounds)."""
+
+    scales: tuple[int, ...]
+    offset: int = 0
+
+    def apply(self, reads: list):
+        total = None
+        for scale, read in zip(self.scales, reads, strict=True):
+            term = read if scale == 1 else read * tirx.const(scale, "int32")
+            total = term if total is None else total + term
+        return total + tirx.const(self.offset, "int32") if self.offset else total
+
+    @property
+    def tag(self) -> str:
+        """A short name for kernel symbols ("" for one input taken as it is)."""
+        if self == Terms((1,)):
+            return ""
+        return ("_s" + "x".join(map(str, self.scales)) + f"o{self.offset}").replace("-", "m")
+
+    def __add__(self, other: "Terms") -> "Terms":
+        return Terms(self.scales + other.scales, self.offset + other.offset)
+
+
+def _integers(shape, terms: Terms) -> tuple[list[te.Tensor], te.Tensor]:
+    """Placeholders for the inputs of ``terms`` and the integers they stand for (a stage that
+    :func:`schedule_elementwise` inlines)."""
+    inputs = [te.placeholder(shape, "int32", name=f"x{k}") for k in range(len(terms.scales))]
+    if terms == Terms((1,)):
+        return inputs, inputs[0]
+    value = te.compute(shape, lambda *i: terms.apply([x(*i) for x in inputs]), name="integers")
+    return inputs, value
+
+
 def schedule_elementwise(func: tirx.PrimFunc, target: tvm.target.Target, symbol: str
                          ) -> tirx.PrimFunc:
-    """Inline every block into the output block and parallelize it over all its elements."""
+    """Inline every block into the output block and parallelize it: over rows, each row (the
+    last axis, else the last two) one vector loop when a vector width divides it (no predicated
+    tail), so an element's channel and position are loop indices, not divisions of a flat index
+    (TVM leaves those divisions in the vector lanes: a flat loop ran about 8 times slower); else
+    over all elements, flat."""
     func = func.with_attr("global_symbol", symbol)
     sch = tvm.s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     for block in blocks[:-1]:
         sch.compute_inline(block)
     loops = sch.get_loops(blocks[-1])
+    extents = [int(sch.get(loop).extent) for loop in loops]
+    for tail in (1, 2):
+        width = math.prod(extents[-tail:])
+        lanes = next((n for n in (VECTOR, VECTOR // 2, VECTOR // 4, width)
+                      if width % n == 0 and n <= VECTOR), 0)
+        if target.kind.name == "cuda" or len(loops) <= tail or not lanes:
+            continue
+        rows = sch.fuse(*loops[:-tail]) if len(loops) > tail + 1 else loops[0]
+        row = sch.fuse(*loops[-tail:]) if tail > 1 else loops[-1]
+        sch.parallel(rows)
+        sch.vectorize(sch.split(row, [None, lanes])[1])
+        return sch.mod["main"]
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     if target.kind.name == "cuda":
         outer, inner = sch.split(fused, [None, CUDA_THREADS])
@@ -57,14 +115,16 @@ def lookup(shape, table_size: int, target, symbol: str) -> tirx.PrimFunc:
 def quantize_affine(shape, scale: float, zero_point: float, qmin: int, qmax: int, first: int,
                     low: float, high: float, target, symbol: str) -> tirx.PrimFunc:
     """Float input to code indices: ``clamp(nearbyint(clamp(x) / scale) + zero_point) - first``
-    in float64, as :meth:`IntegerSpec.quantize` computes it."""
+    in float32, as :meth:`IntegerSpec.quantize` computes it on a float32 input (its one-element
+    scale is a 0-d tensor, so the division runs in the input's type: a float64 division would
+    round differently where ``x / scale`` lies within float32 rounding of a half integer)."""
     x = te.placeholder(shape, "float32", name="x")
 
     def code(*i):
-        value = _clamped(x(*i).astype("float64"), low, high)
-        q = tirx.nearbyint(value / tirx.const(scale, "float64")) + tirx.const(zero_point,
-                                                                               "float64")
-        q = tvm.te.max(tvm.te.min(q, tirx.const(qmax, "float64")), tirx.const(qmin, "float64"))
+        value = _clamped(x(*i), low, high, "float32")
+        q = tirx.nearbyint(value / tirx.const(scale, "float32")) + tirx.const(zero_point,
+                                                                               "float32")
+        q = tvm.te.max(tvm.te.min(q, tirx.const(qmax, "float32")), tirx.const(qmin, "float32"))
         return q.astype("int32") - first
 
     out = te.compute(shape, code, name="codes")
@@ -88,99 +148,61 @@ def quantize_thresholds(shape, count: int, low: float, high: float, target, symb
     return _build([x, thresholds, out], target, symbol)
 
 
-def _clamped(value, low: float, high: float):
+def _clamped(value, low: float, high: float, dtype: str = "float64"):
     if math.isfinite(low):
-        value = tvm.te.max(value, tirx.const(low, "float64"))
+        value = tvm.te.max(value, tirx.const(low, dtype))
     if math.isfinite(high):
-        value = tvm.te.min(value, tirx.const(high, "float64"))
+        value = tvm.te.min(value, tirx.const(high, dtype))
     return value
 
 
-def requantize(shape, epilogue: Epilogue, channels: int, target, symbol: str) -> tirx.PrimFunc:
-    """An int32 integer tensor (channels on axis 1) to codes, by the epilogue's staircase."""
-    acc = te.placeholder(shape, "int32", name="acc")
+def requantize(shape, epilogue: Epilogue, channels: int, target, symbol: str,
+               terms: Terms = Terms((1,))) -> tirx.PrimFunc:
+    """Integers (``terms`` of int32 tensors, channels on axis 1) to codes, by the epilogue's
+    staircase."""
+    inputs, acc = _integers(shape, terms)
     extra = epilogue.placeholders(channels)
     out = apply_epilogue(acc, epilogue, extra)
-    return _build([acc, *extra, out], target, symbol)
+    return _build([*inputs, *extra, out], target, symbol)
 
 
-def add(shape, count: int, target, symbol: str) -> tirx.PrimFunc:
-    """The sum of ``count`` int32 tensors."""
-    inputs = [te.placeholder(shape, "int32", name=f"x{k}") for k in range(count)]
+def requantize_table(shape, terms: Terms, low: int, table_shape: tuple[int, int],
+                     table_dtype: str, target, symbol: str) -> tirx.PrimFunc:
+    """Integers ``V`` in ``[low, low + width)`` to codes by a table: ``table[row, V - low]``
+    (``table_shape = (rows, width)``; rows 1, or one per channel of axis 1), stored narrow
+    (:func:`narrow`) and widened here. The lowering fills the table with the reference
+    staircase on the whole range, so the kernel is exact by construction; the index is clamped
+    into the table (a no-op on the proven range) so no read can leave it."""
+    inputs = [te.placeholder(shape, "int32", name=f"x{k}") for k in range(len(terms.scales))]
+    rows, width = table_shape
+    table = te.placeholder(table_shape, table_dtype, name="table")
 
-    def total(*i):
-        value = inputs[0](*i)
-        for x in inputs[1:]:
-            value = value + x(*i)
-        return value
+    def code(*i):
+        index = terms.apply([x(*i) for x in inputs]) - tirx.const(low, "int32")
+        index = tvm.te.max(tvm.te.min(index, width - 1), 0)
+        return table[i[1] if rows > 1 else 0, index].astype("int32")
 
-    out = te.compute(shape, total, name="sum")
-    return _build([*inputs, out], target, symbol)
-
-
-def window_pool(shape, windows: list[list[tuple[int, int]]], mode: str, target, symbol: str
-                ) -> tirx.PrimFunc:
-    """Sum (``mode="sum"``) or max of int32 values over windows, per spatial dimension.
-
-    ``windows[d][o]`` is the ``(start, stop)`` of output position ``o`` along spatial dimension
-    ``d`` in input coordinates (may reach into the zero / -inf padding); the window is the
-    product of the per-dimension ranges.
-    """
-    x = te.placeholder(shape, "int32", name="x")
-    out_shape = (*shape[:2], *[len(w) for w in windows])
-    spans = [max(stop - start for start, stop in w) for w in windows]
-    empty = tirx.const(0 if mode == "sum" else INT32_MIN, "int32")
-
-    def bound(d, o, end: int):
-        """The window's start (``end=0``) or stop (``end=1``) at output position ``o``."""
-        table = windows[d]
-        value = tirx.const(table[-1][end], "int32")
-        for index in range(len(table) - 2, -1, -1):
-            value = tirx.Select(o == index, tirx.const(table[index][end], "int32"), value)
-        return value
-
-    def pooled(n, c, *o):
-        result = None
-        for offsets in _product(spans):
-            position = [bound(d, o[d], 0) + offsets[d] for d in range(len(o))]
-            inside = tirx.const(True, "bool")
-            for d, p in enumerate(position):
-                inside = tirx.all(inside, p < bound(d, o[d], 1), p >= 0, p < shape[2 + d])
-            safe = [tvm.te.max(tvm.te.min(p, shape[2 + d] - 1), 0) for d, p in enumerate(position)]
-            value = tirx.if_then_else(inside, x[(n, c, *safe)], empty)
-            if result is None:
-                result = value
-            elif mode == "sum":
-                result = result + value
-            else:
-                result = tvm.te.max(result, value)
-        return result
-
-    out = te.compute(out_shape, pooled, name="pooled")
-    return _build([x, out], target, symbol)
+    out = te.compute(shape, code, name="codes")
+    return _build([*inputs, table, out], target, symbol)
 
 
-def _product(spans: list[int]) -> list[tuple[int, ...]]:
-    combos = [()]
-    for span in spans:
-        combos = [c + (k,) for c in combos for k in range(span)]
-    return combos
+def narrow(table: np.ndarray) -> np.ndarray:
+    """``table`` in the narrowest integer type that holds its entries (tables are parameters:
+    their bytes are the artifact's)."""
+    for dtype in ("uint8", "int8", "int16", "int32"):
+        info = np.iinfo(dtype)
+        if table.min() >= info.min and table.max() <= info.max:
+            return np.ascontiguousarray(table.astype(dtype))
+    raise ValueError(f"table entries past int32: [{table.min()}, {table.max()}]")
 
 
-def fixed_windows(length: int, kernel: int, stride: int, padding: int, dilation: int,
-                  ceil_mode: bool) -> list[tuple[int, int]]:
-    """Windows of a fixed-size pool along one dimension (dilation 1 only for now)."""
-    if dilation != 1:
-        raise NotImplementedError("dilated pooling")
-    span = length + 2 * padding - kernel
-    count = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if ceil_mode and (count - 1) * stride >= length + padding:
-        count -= 1
-    return [(o * stride - padding, o * stride - padding + kernel) for o in range(count)]
-
-
-def adaptive_windows(length: int, size: int) -> list[tuple[int, int]]:
-    return [((o * length) // size, -((-(o + 1) * length) // size)) for o in range(size)]
+def add(shape, terms: Terms, target, symbol: str) -> tirx.PrimFunc:
+    """The integers of ``terms``: a sum of int32 tensors, each times its scale, plus the
+    offset."""
+    inputs, value = _integers(shape, terms)
+    if value is inputs[0]:
+        value = te.compute(shape, lambda *i: inputs[0](*i), name="copy")
+    return _build([*inputs, value], target, symbol)
 
 
 def reshape(shape_in, shape_out, target, symbol: str) -> tirx.PrimFunc:
@@ -217,11 +239,12 @@ def concat(shapes, dim: int, target, symbol: str) -> tirx.PrimFunc:
     return _build([*inputs, out], target, symbol)
 
 
-def dequantize(shape, channels: int, low: float, high: float, target, symbol: str
-               ) -> tirx.PrimFunc:
-    """``clamp(acc * scale[c] + bias[c])`` in float64, stored as float32 (channels on axis 1;
-    ``scale`` and ``bias`` float64 of ``channels`` entries, or one)."""
-    acc = te.placeholder(shape, "int32", name="acc")
+def dequantize(shape, channels: int, low: float, high: float, target, symbol: str,
+               terms: Terms = Terms((1,))) -> tirx.PrimFunc:
+    """``clamp(V * scale[c] + bias[c])`` in float64, stored as float32, of the integers ``V`` of
+    ``terms`` (channels on axis 1; ``scale`` and ``bias`` float64 of ``channels`` entries, or
+    one)."""
+    inputs, acc = _integers(shape, terms)
     scale = te.placeholder((channels,), "float64", name="scale")
     bias = te.placeholder((channels,), "float64", name="bias")
 
@@ -231,4 +254,4 @@ def dequantize(shape, channels: int, low: float, high: float, target, symbol: st
         return _clamped(y, low, high).astype("float32")
 
     out = te.compute(shape, value, name="logits")
-    return _build([acc, scale, bias, out], target, symbol)
+    return _build([*inputs, scale, bias, out], target, symbol)

@@ -63,6 +63,13 @@ def epilogues(draw, channels: int, bound: int):
     multiplier = rng.integers(1, 2**16, rows).astype(np.int64)
     offset = rng.integers(-(2**24), 2**24, rows).astype(np.int64)
     extra = [multiplier, offset, direction]
+    if draw(st.booleans()):
+        floored = [rng.integers(-bound, bound + 1, rows).astype(np.int64),
+                   rng.integers(0, levels + 1, rows).astype(np.int64)]
+        return (Epilogue("fixed_point", levels, rows > 1, shift, True), extra + floored,
+                lambda acc: apply_fixed_point(
+                    acc, *map(torch.from_numpy, (direction, multiplier, offset)), shift, levels,
+                    *map(torch.from_numpy, floored)))
     return (Epilogue("fixed_point", levels, rows > 1, shift), extra,
             lambda acc: apply_fixed_point(acc, *map(torch.from_numpy, (direction, multiplier,
                                                                        offset)), shift, levels))

@@ -1,0 +1,82 @@
+"""How the lowering moves less data between layers than the program's ops literally say.
+
+Each rule gives the same integers as the op it replaces (the trace still computes the op itself,
+so ``verify`` checks both):
+
+- :func:`affine_levels`: codes whose levels are ``a u + b`` reach their consumer as codes, with
+  ``(a, b)`` folded into it (:class:`~.kernels.glue.Terms`), instead of through a lookup;
+- :func:`folds_add`: a residual add read only by requantizations (or adds, or the dequantize) is
+  computed inside each reader from the add's inputs, when that reads no more than writing the
+  sum and reading it back;
+- :func:`pooled_first`: the staircase is non-decreasing in ``direction * V``, so
+  ``maxpool(requantize(V)) = requantize'(maxpool(direction * V))`` with ``requantize'`` the same
+  staircase with every direction positive: the requantization runs on the pooled, smaller
+  tensor, and one pool serves every requantization of ``V`` with the same directions;
+- :func:`staircase_table`: a requantization of a small input range without a fixed-point form is
+  a table of its codes over the whole range, filled by the reference staircase.
+"""
+
+import numpy as np
+import torch
+
+from qcompile import integer_ir as ir
+from qcompile.backends.tvm.kernels import glue
+from qcompile.requantization import apply_staircase
+
+TABLE_WIDTH = 4096
+"""A requantization whose input spans at most this many integers per row..."""
+TABLE_ENTRIES = 2**16
+"""...and at most this many in all is a table lookup (a byte per entry for 8-bit codes)."""
+
+
+def affine_levels(levels: torch.Tensor) -> tuple[int, int] | None:
+    """``(a, b)`` with ``levels[u] = a u + b`` for every code ``u``, or None."""
+    first = int(levels[0])
+    step = int(levels[1]) - first if len(levels) > 1 else 1
+    codes = torch.arange(len(levels), dtype=levels.dtype)
+    return (step, first) if bool(torch.equal(levels, step * codes + first)) else None
+
+
+def folds_add(op: ir.Add, sources: int, readers: list, graph: ir.IntegerGraph,
+              pooled: dict) -> bool:
+    """Whether the readers of ``op`` (a sum of ``sources`` tensors) compute it themselves."""
+    if op.name == graph.output or not readers:
+        return False
+    if not all(isinstance(r, (ir.Requantize, ir.Add, ir.Dequantize)) and r.name not in pooled
+               for r in readers):
+        return False
+    return len(readers) * sources <= sources + 1 + len(readers)
+
+
+def pooled_first(graph: ir.IntegerGraph, readers: dict, fused: dict) -> dict[str, ir.MaxPool]:
+    """Requantizations (by name) to run after the max pool that reads them: those of a layer's
+    accumulator (not fused into the layer) read by that pool only."""
+    producers = {op.name: op for op in graph.ops}
+    moved = {}
+    for op in graph.ops:
+        producer = producers.get(getattr(op, "input", None))
+        if (isinstance(op, ir.MaxPool) and isinstance(producer, ir.Requantize)
+                and producer.name not in fused and len(readers[op.input]) == 1
+                and isinstance(producers.get(producer.input), (ir.Conv, ir.Linear))):
+            moved[producer.name] = op
+    return moved
+
+
+def staircase_table(op: ir.Requantize, fmt) -> tuple[int, np.ndarray] | None:
+    """``(low, table)`` with ``table[row, V - low]`` the code of every ``V`` the input (of
+    format ``fmt``) can take, when that range is small and the op has no fixed-point form (a
+    multiply and shift costs no more than a gather); else None."""
+    if op.fixed_point is not None:
+        return None
+    if isinstance(fmt, ir.Accumulator):
+        low, high = -fmt.bound, fmt.bound
+    elif isinstance(fmt, ir.CodeFormat):
+        low, high = int(fmt.levels.min()), int(fmt.levels.max())
+    else:
+        return None
+    rows, width = op.thresholds.shape[0], high - low + 1
+    if width > TABLE_WIDTH or rows * width > TABLE_ENTRIES:
+        return None
+    values = torch.arange(low, high + 1, dtype=torch.int64).expand(1, rows, width)
+    codes = apply_staircase(values, op.thresholds.long(), op.direction.long())
+    return low, glue.narrow(codes[0].numpy())
