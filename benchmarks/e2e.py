@@ -11,8 +11,9 @@ the TVM backend for this CPU, and times, in one process with interleaved rounds:
   then ``quantize_static`` per-channel, QInt8 weights, QUInt8 activations), its strongest CPU
   setting.
 
-Prints medians and ratios, the compile time, and the artifact's bytes against the float32
-weights' bytes. Usage: ``python benchmarks/e2e.py [--rounds 20] [--bits 2] [--method lsq]``.
+Each round gives every runner in turn a pause (:data:`PAUSE`), one untimed call and
+:data:`CALLS` timed calls. Prints medians and ratios, the compile time, and the artifact's bytes
+against the float32 weights' bytes. Usage: ``python benchmarks/e2e.py [--rounds 20] [--bits 2] [--method lsq]``.
 """
 
 import argparse
@@ -33,6 +34,11 @@ import qcompile
 
 SHAPE = (1, 3, 224, 224)
 THREADS = 2
+PAUSE = 0.3
+"""Seconds between two runners: torch's, onnxruntime's and TVM's thread pools spin a while after
+a call, and a pool still spinning on both cores slows the next runtime severalfold."""
+CALLS = 5
+"""Timed calls per runner and round, after one untimed call."""
 
 
 class Images(CalibrationDataReader):
@@ -93,9 +99,12 @@ def main() -> None:
                 run()
         for _ in range(args.rounds):
             for name, run in runners.items():
-                begin = time.perf_counter()
+                time.sleep(PAUSE)
                 run()
-                times[name].append(time.perf_counter() - begin)
+                for _ in range(CALLS):
+                    begin = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - begin)
     medians = {name: statistics.median(values) for name, values in times.items()}
     ours = medians[f"qcompile W{args.bits}A{args.bits}"]
     print(f"\nResNet-18 {SHAPE}, {THREADS} threads, {args.rounds} interleaved rounds")

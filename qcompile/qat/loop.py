@@ -26,6 +26,7 @@ from qcompile.qat.interrupt import StopRequests
 from qcompile.qat.loaders import EpochBatches, Source, evaluation_loader, split_batch
 from qcompile.qat.metrics import EpochMeter, History, MetricsLog
 from qcompile.qat.optim import OptimConfig, make_lr_schedule, make_optimizer, parameter_groups
+from qcompile.qat.quantizers import set_model_input_quantizers_trainable
 from qcompile.qat.session import Session
 from qcompile.qat.state import Schedule, TrainState
 
@@ -41,6 +42,7 @@ class RunConfig:
     progress: bool
     checkpoint: Path | None
     compile: bool = False
+    learn_input_quantizers: bool = False
 
 
 class Run(Session):
@@ -118,6 +120,7 @@ class Run(Session):
         current parameters, and the DDP wrapper over them."""
         self.state.structure_changed = False
         self.model.to(self.world.device)
+        set_model_input_quantizers_trainable(self.model, self.config.learn_input_quantizers)
         teacher = self.distillation.trainable_parameters() if self.distillation else []
         groups = parameter_groups(self.model, self.config.optim, teacher)
         self.parameters = [p for group in groups for p in group["params"]]

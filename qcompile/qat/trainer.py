@@ -47,6 +47,7 @@ def train(
     calib_data: Iterable | None = None,
     device: str | torch.device | None = None,
     compile: bool = False,
+    learn_input_quantizers: bool = False,
 ) -> History:
     """Train the quantized graph ``qmodel`` in place; return the per-epoch :class:`History`.
 
@@ -73,6 +74,10 @@ def train(
     size or module setting not seen before wait for a compilation; the model, its state dict
     and the checkpoints stay those of ``qmodel``, so a compiled run resumes exactly (when it
     resumes compiled). Validation runs eagerly.
+
+    The quantizers of the model's own inputs keep their calibrated parameters unless
+    ``learn_input_quantizers=True`` (:func:`~qcompile.qat.quantizers.\
+set_model_input_quantizers_trainable` says why).
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
@@ -95,7 +100,7 @@ def train(
     try:
         config = RunConfig(epochs, seed, grad_clip, optim, progress,
                            None if checkpoint_dir is None else checkpoint.checkpoint_path(
-                               checkpoint_dir), compile)
+                               checkpoint_dir), compile, learn_input_quantizers)
         if schedules is None:
             from qcompile.qat.schedules import default_schedules
 

@@ -12,6 +12,7 @@ from qcompile.errors import ConfigError
 from qcompile.models import SmallCNN
 from qcompile.qat import Distillation, Schedule, train
 from qcompile.qat.optim import OptimConfig, parameter_groups
+from qcompile.qat.quantizers import model_input_quantizers
 from qcompile.quant import make_quantizer
 from tiny_runs import (RandomToggle, assert_same_weights, digits, quantized_model, quantizers,
                        train_pair, val_pair, weights)
@@ -53,17 +54,23 @@ def test_parameter_groups_follow_the_papers():
     assert set().union(*in_group.values()) == set(names.values())
 
 
-def test_quantizer_lr_is_the_only_lr_at_work_when_lr_is_zero():
+@pytest.mark.parametrize("learn_inputs", [False, True])
+def test_quantizer_lr_is_the_only_lr_at_work_when_lr_is_zero(learn_inputs):
+    """Only quantizer parameters move; those of the model's own input only when asked to."""
     qm = quantized_model()
     before = dict(qm.named_parameters())
     before = {name: p.detach().clone() for name, p in before.items()}
     train(qm, train_pair(), epochs=1, lr=0.0, quantizer_lr=1e-2, lr_schedule="constant",
-          weight_decay=0.1, progress=False)
-    quantizer_params = {n for n, _ in qm.named_parameters()
-                        if any(n.startswith(q) for q in _quantizer_names(qm))}
+          weight_decay=0.1, progress=False, learn_input_quantizers=learn_inputs)
+    inputs = {id(p) for q in model_input_quantizers(qm) for p in q.parameters()}
+    assert inputs, "the model's input has a quantizer"
+    quantizer_params = {n for n, p in qm.named_parameters()
+                        if any(n.startswith(q) for q in _quantizer_names(qm))
+                        and (learn_inputs or id(p) not in inputs)}
     for name, param in qm.named_parameters():
         changed = not torch.equal(param.detach(), before[name])
         assert changed == (name in quantizer_params), name
+        assert param.requires_grad == (learn_inputs or id(param) not in inputs)
 
 
 def _quantizer_names(model):
