@@ -31,7 +31,7 @@ import tvm
 from qcompile import integer_ir as ir
 from qcompile.backends.reference import run as reference_run
 from qcompile.backends.tvm import glue_plan
-from qcompile.backends.tvm.kernels import glue, pooling
+from qcompile.backends.tvm.kernels import bitserial_packed, glue, pooling
 from qcompile.backends.tvm.kernels.epilogue import Epilogue
 from qcompile.backends.tvm.kernels.glue import Terms
 from qcompile.backends.tvm.relax_module import Call, build_module
@@ -79,6 +79,7 @@ class _Builder:
         self.folded: dict[str, tuple[list[str], Terms]] = {}
         self.pooled_first: dict[str, ir.MaxPool] = {}
         self.pooled: dict[tuple, str] = {}
+        self.packed: set[str] = set()
 
     # -- planning: which kernel computes each value -------------------------------------------
 
@@ -93,6 +94,9 @@ class _Builder:
                 if len(after) == 1 and isinstance(after[0], ir.Requantize):
                     self.fused[after[0].name] = op
         self.pooled_first = glue_plan.pooled_first(self.graph, readers, self.fused)
+        self.packed = {name for name, layer in self.fused.items()
+                       if _passes_packed(name, layer, readers, self.graph, self.shapes,
+                                         self.target)}
         self.readers = readers
         for op in self.graph.ops:
             if isinstance(op, (ir.Conv, ir.Linear)) and any(
@@ -101,12 +105,24 @@ class _Builder:
             getattr(self, f"_plan_{type(op).__name__.lower()}")(op)
 
     def _call(self, value: str, symbol: str, func, args: list, dtype: str = "int32",
-              trace_only: bool = False) -> None:
+              trace_only: bool = False, traced: bool = True) -> None:
         """Record ``value = func(*args)``; ``args`` are value names or parameter arrays."""
         if symbol not in self.kernels:
             self.kernels[symbol] = func() if callable(func) else func
         self.calls.append(Call(value, symbol, args, self.shapes[value], dtype, trace_only))
-        self.traced.append(value)
+        if traced:
+            self.traced.append(value)
+
+    def _packed(self, value: str, bits: int, emit) -> None:
+        """``emit(name)`` computes ``value`` as packed planes under ``name``; the trace unpacks
+        them to the int32 codes every other value is traced as."""
+        packed = f"{value}:packed"
+        shape = self.shapes[value]
+        self.shapes[packed] = bitserial_packed.packed_shape(shape, bits, self.target)
+        emit(packed)
+        symbol = f"unpack_{_shape_tag(shape)}_b{bits}"
+        self._call(value, symbol, lambda: bitserial_packed.unpack_codes(shape, bits, self.target),
+                   [packed], trace_only=True)
 
     def _integers(self, name: str) -> tuple[list[str], Terms]:
         """The values and terms giving the integers ``name`` stands for: codes with affine
@@ -212,24 +228,32 @@ class _Builder:
         conv = isinstance(op, ir.Conv)
         if conv and len(weight.shape) != 4:
             raise NotDeployableError(f"{op.layer}: the TVM backend compiles 2-d convolutions")
-        serial = (_identity(fmt.levels) and fmt.bits <= BITSERIAL_BITS
-                  and weight.bits <= BITSERIAL_BITS and weight.affine is not None
-                  and (not conv or op.groups == 1))
         tag = f"{_shape_tag(shape_in)}_{_shape_tag(weight.shape)}_{epilogue.tag}"
-        if serial:
+        if _serial(op, self.graph):
             alpha, beta = weight.affine
+            packed_in, packed_out = op.input in self.packed, value in self.packed
+            out_bits = self.graph.values[value].bits if packed_out else 0
+            layout = ("_pi" if packed_in else "") + (f"_po{out_bits}" if packed_out else "")
             symbol = f"bitserial_{'conv' if conv else 'dense'}_a{fmt.bits}w{weight.bits}" \
-                     f"x{alpha}m{beta}_{tag}"
+                     f"x{alpha}m{beta}_{tag}{layout}"
             if conv:
                 build = lambda: bitserial.conv2d_kernel(  # noqa: E731
                     shape_in, weight.words.shape, fmt.bits, weight.bits, weight.affine, op.stride,
-                    op.padding, op.dilation, epilogue, self.target)
+                    op.padding, op.dilation, epilogue, self.target, packed_input=packed_in,
+                    packed_output=out_bits or False)
             else:
                 build = lambda: bitserial.dense_kernel(  # noqa: E731
                     shape_in, weight.words.shape, fmt.bits, weight.bits, weight.affine, epilogue,
-                    self.target)
+                    self.target, packed_input=packed_in)
             self.kernel_kinds[op.layer] = "bit-serial"
-            self._call(value, symbol, build, [op.input, np.ascontiguousarray(weight.words), *extra])
+            data = f"{op.input}:packed" if packed_in else op.input
+            words = np.ascontiguousarray(weight.words)
+            if not packed_out:
+                self._call(value, symbol, build, [data, words, *extra])
+                return
+            self._packed(value, out_bits, lambda packed: self._call(
+                packed, symbol, build, [data, words, *extra], bitserial_packed.packed_dtype(
+                    self.target), traced=False))
             return
         data = self._materialized(op.input)
         integers = weight.integers.numpy()
@@ -364,6 +388,28 @@ def _epilogue(op: ir.Requantize) -> tuple[Epilogue, list[np.ndarray]]:
                  direction, *floor])
     return (Epilogue("thresholds", levels, rows > 1),
             [op.thresholds.numpy().astype("int64"), direction])
+
+
+def _serial(op, graph: ir.IntegerGraph) -> bool:
+    """Whether layer ``op`` runs bit-serial: low-bit codes standing for themselves times
+    low-bit weights of an affine form, and no groups."""
+    fmt, weight = graph.values[op.input], op.weight
+    return bool(_identity(fmt.levels) and fmt.bits <= BITSERIAL_BITS
+                and weight.bits <= BITSERIAL_BITS and weight.affine is not None
+                and (not isinstance(op, ir.Conv) or op.groups == 1))
+
+
+def _passes_packed(value: str, layer, readers: dict, graph: ir.IntegerGraph, shapes: dict,
+                   target) -> bool:
+    """Whether the codes ``value`` (requantized inside bit-serial conv ``layer``) go from it to
+    their readers as packed planes: every reader is a bit-serial conv, and the channels fill
+    whole packed words (or one)."""
+    after = readers.get(value, [])
+    channels, word = shapes[value][1], bitserial_packed.word_bits(target)
+    return (isinstance(layer, ir.Conv) and _serial(layer, graph) and bool(after)
+            and value != graph.output
+            and all(isinstance(r, ir.Conv) and _serial(r, graph) for r in after)
+            and (channels <= word or channels % word == 0))
 
 
 def _inputs(op) -> list[str]:

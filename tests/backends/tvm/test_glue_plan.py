@@ -89,7 +89,7 @@ def _with_falling_stem(graph: ir.IntegerGraph) -> ir.IntegerGraph:
     return replace(graph, ops=[falling(op) for op in graph.ops])
 
 
-def test_a_residual_network_is_bit_exact_with_folded_adds_and_pooled_first():
+def test_a_residual_network_is_bit_exact_with_folded_adds_pooled_first_and_packed():
     torch.manual_seed(0)
     model = randomize_batch_norms(Residual(), 2).eval()
     x = torch.randn(2, 3, 15, 15, generator=torch.Generator().manual_seed(1))
@@ -100,6 +100,8 @@ def test_a_residual_network_is_bit_exact_with_folded_adds_and_pooled_first():
     pools = [op for op in graph.ops if isinstance(op, ir.MaxPool)]
     assert len(pools) == 2 and "lookup_" not in main and "add2_" not in main, main
     assert main.count("maxpool_1x8x15x15") == 1 and "_signed" in main, main
+    assert "_po2" in main and "_pi" in main and "unpack_" not in main, (
+        "the body's two bit-serial convs pass packed planes, unpacked in the trace only")
     compiled = qcompile.compile(graph, "llvm", input_shape=(1, 3, 15, 15))
     for sample in x.split(1):
         produced = compiled.integer_activations(sample)
