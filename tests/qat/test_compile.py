@@ -136,8 +136,9 @@ def test_a_compiled_training_step_has_the_eager_gradients(method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lsq", "qil"])
-def test_compiled_training_learns_as_eager_training_does(method):
+@pytest.mark.parametrize("method, epochs", [("lsq", 2), ("qil", 5)])
+def test_compiled_training_learns_as_eager_training_does(method, epochs):
+    """QIL's intervals learn slowly on 8x8 digits: 2 epochs reach ~0.55, 4 reach ~0.82."""
     data = digits()
     histories = []
     for compiled in (False, True):
@@ -145,7 +146,7 @@ def test_compiled_training_learns_as_eager_training_does(method):
         model = qcompile.quantize(SmallCNN(1, 10, width=8), (data.train_x[:1],), bits=4,
                                   method=method, calib_data=[(data.train_x[:64],)])
         histories.append(train(model, (data.train_x, data.train_y), (data.test_x, data.test_y),
-                               epochs=2, lr=3e-3, batch_size=32, progress=False,
+                               epochs=epochs, lr=3e-3, batch_size=32, progress=False,
                                compile=compiled))
     eager, compiled = histories
     assert compiled.initial_val_accuracy == eager.initial_val_accuracy < 0.3
