@@ -14,8 +14,9 @@ Each ResNet-18 3x3 conv shape (64->64 at 56x56, 128->128 at 28x28, 256->256 at 1
 All three use ``--threads`` threads (2 by default: TVM's pool, ``torch.set_num_threads``,
 onnxruntime's intra-op threads). Every call is timed from Python (``perf_counter`` around
 ``calls`` calls), so each runtime's call overhead is included. The rounds are interleaved: each
-round times every configuration in turn, with a short pause between them so one runtime's
-spinning threads do not run into the next; the tables give the median over rounds and the
+round times every configuration in turn, after a pause (:data:`PAUSE`) and two untimed calls,
+so one runtime's spinning threads do not run into the next (with a 0.02 s pause the runner
+after onnxruntime or torch measured up to 7x slower at 2 threads); the tables give the median over rounds and the
 fastest round, and the machine's load average is printed with them (threads that share a core with another process wait
 at every barrier, so a loaded machine slows the multi-threaded runs by far more than its load).
 
@@ -46,6 +47,9 @@ from onnx import TensorProto, helper
 from qcompile.backends.tvm.kernels.bitserial import Epilogue, conv2d_kernel, packed_shape
 from qcompile.packing import pack_bits
 
+PAUSE = 0.3
+"""Seconds before each runner's calls in a round: torch's, onnxruntime's and TVM's pools spin
+a while after a call."""
 LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7)]
 BITS = [(1, "bipolar"), (2, "signed"), (4, "signed")]
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
@@ -173,7 +177,8 @@ def measure(channels: int, size: int, args, rng) -> dict[str, list[float]]:
         per_call(call, 3)
     for _ in range(args.rounds):
         for name, call in runners.items():
-            time.sleep(0.02)
+            time.sleep(PAUSE)
+            per_call(call, 2)
             times[name].append(per_call(call, args.calls))
     return times
 
