@@ -13,7 +13,8 @@ the TVM backend for this CPU, and times, in one process with interleaved rounds:
 
 Each round gives every runner in turn a pause (:data:`PAUSE`), one untimed call and
 :data:`CALLS` timed calls. Prints medians and ratios, the compile time, and the artifact's bytes
-against the float32 weights' bytes. Usage: ``python benchmarks/e2e.py [--rounds 20] [--bits 2] [--method lsq]``.
+against the float32 weights' bytes.
+Usage: ``python benchmarks/e2e.py [--rounds 20] [--bits 2] [--method lsq]``.
 """
 
 import argparse

@@ -16,9 +16,10 @@ onnxruntime's intra-op threads). Every call is timed from Python (``perf_counter
 ``calls`` calls), so each runtime's call overhead is included. The rounds are interleaved: each
 round times every configuration in turn, after a pause (:data:`PAUSE`) and two untimed calls,
 so one runtime's spinning threads do not run into the next (with a 0.02 s pause the runner
-after onnxruntime or torch measured up to 7x slower at 2 threads); the tables give the median over rounds and the
-fastest round, and the machine's load average is printed with them (threads that share a core with another process wait
-at every barrier, so a loaded machine slows the multi-threaded runs by far more than its load).
+after onnxruntime or torch measured up to 7x slower at 2 threads); the tables give the median
+over rounds and the fastest round, and the machine's load average is printed with them
+(threads that share a core with another process wait at every barrier, so a loaded machine
+slows the multi-threaded runs by far more than its load).
 
 ``--packed`` times the bit-serial kernels alone, each layer with int32 codes in and out against
 the packed activation layout (:mod:`qcompile.backends.tvm.kernels.bitserial_packed`) in and out,

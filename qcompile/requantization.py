@@ -20,9 +20,10 @@ the staircase rounds up, where ``torch.round`` rounds half to even).
 
 A uniform staircase also has a fixed-point form, ``u = clamp((V * m + o) >> shift, 0, n)``, one
 multiply, add and shift instead of ``n`` compares (and a compare and a max more where a clamp
-before the quantizer lands several codes on one threshold: :class:`FixedPoint`). :func:`fixed_point` searches for ``m``, ``o``
-and ``shift`` and keeps them only when they give the thresholds exactly on the whole range of
-``V`` (an interval check per threshold, so "exact" is proved, not sampled).
+before the quantizer lands several codes on one threshold: :class:`FixedPoint`).
+:func:`fixed_point` searches for ``m``, ``o`` and ``shift`` and keeps them only when they give
+the thresholds exactly on the whole range of ``V`` (an interval check per threshold, so "exact"
+is proved, not sampled).
 """
 
 import math

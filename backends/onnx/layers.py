@@ -11,8 +11,6 @@ weight comes from DequantizeLinear, which moves codes near a threshold and, thro
 network, the logits; an ``Add`` they leave as it is.
 """
 
-import numpy as np
-
 from torch import fx, nn
 
 from qcompile.backends.onnx.builder import OnnxExportError, OnnxGraph

@@ -13,16 +13,20 @@ so ``verify`` checks both):
   staircase with every direction positive: the requantization runs on the pooled, smaller
   tensor, and one pool serves every requantization of ``V`` with the same directions;
 - :func:`staircase_table`: a requantization of a small input range without a fixed-point form is
-  a table of its codes over the whole range, filled by the reference staircase.
+  a table of its codes over the whole range, filled by the reference staircase;
+- :func:`passes_packed`: codes that go from one bit-serial conv to others only travel as the
+  packed bit planes the readers would otherwise pack themselves.
 """
 
 import numpy as np
 import torch
 
 from qcompile import integer_ir as ir
-from qcompile.backends.tvm.kernels import glue
+from qcompile.backends.tvm.kernels import bitserial_packed, glue
 from qcompile.requantization import apply_staircase
 
+BITSERIAL_BITS = 4
+"""Layers with codes and weights of at most this many bits run bit-serial."""
 TABLE_WIDTH = 4096
 """A requantization whose input spans at most this many integers per row..."""
 TABLE_ENTRIES = 2**16
@@ -80,3 +84,25 @@ def staircase_table(op: ir.Requantize, fmt) -> tuple[int, np.ndarray] | None:
     values = torch.arange(low, high + 1, dtype=torch.int64).expand(1, rows, width)
     codes = apply_staircase(values, op.thresholds.long(), op.direction.long())
     return low, glue.narrow(codes[0].numpy())
+
+
+def bit_serial(op, graph: ir.IntegerGraph) -> bool:
+    """Whether layer ``op`` runs bit-serial: low-bit codes standing for themselves times
+    low-bit weights of an affine form, and no groups."""
+    fmt, weight = graph.values[op.input], op.weight
+    return bool(affine_levels(fmt.levels) == (1, 0) and fmt.bits <= BITSERIAL_BITS
+                and weight.bits <= BITSERIAL_BITS and weight.affine is not None
+                and (not isinstance(op, ir.Conv) or op.groups == 1))
+
+
+def passes_packed(value: str, layer, readers: dict, graph: ir.IntegerGraph, shapes: dict,
+                  target) -> bool:
+    """Whether the codes ``value`` (requantized inside bit-serial conv ``layer``) go from it to
+    their readers as packed planes: every reader is a bit-serial conv, and the channels fill
+    whole packed words (or one)."""
+    after = readers.get(value, [])
+    channels, word = shapes[value][1], bitserial_packed.word_bits(target)
+    return (isinstance(layer, ir.Conv) and bit_serial(layer, graph) and bool(after)
+            and value != graph.output
+            and all(isinstance(r, ir.Conv) and bit_serial(r, graph) for r in after)
+            and (channels <= word or channels % word == 0))

@@ -37,7 +37,6 @@ from qcompile.backends.tvm.kernels.glue import Terms
 from qcompile.backends.tvm.relax_module import Call, build_module
 from qcompile.errors import NotDeployableError
 
-BITSERIAL_BITS = 4
 ONE = Terms((1,))
 
 
@@ -95,8 +94,8 @@ class _Builder:
                     self.fused[after[0].name] = op
         self.pooled_first = glue_plan.pooled_first(self.graph, readers, self.fused)
         self.packed = {name for name, layer in self.fused.items()
-                       if _passes_packed(name, layer, readers, self.graph, self.shapes,
-                                         self.target)}
+                       if glue_plan.passes_packed(name, layer, readers, self.graph,
+                                                 self.shapes, self.target)}
         self.readers = readers
         for op in self.graph.ops:
             if isinstance(op, (ir.Conv, ir.Linear)) and any(
@@ -229,7 +228,7 @@ class _Builder:
         if conv and len(weight.shape) != 4:
             raise NotDeployableError(f"{op.layer}: the TVM backend compiles 2-d convolutions")
         tag = f"{_shape_tag(shape_in)}_{_shape_tag(weight.shape)}_{epilogue.tag}"
-        if _serial(op, self.graph):
+        if glue_plan.bit_serial(op, self.graph):
             alpha, beta = weight.affine
             packed_in, packed_out = op.input in self.packed, value in self.packed
             out_bits = self.graph.values[value].bits if packed_out else 0
@@ -390,36 +389,10 @@ def _epilogue(op: ir.Requantize) -> tuple[Epilogue, list[np.ndarray]]:
             [op.thresholds.numpy().astype("int64"), direction])
 
 
-def _serial(op, graph: ir.IntegerGraph) -> bool:
-    """Whether layer ``op`` runs bit-serial: low-bit codes standing for themselves times
-    low-bit weights of an affine form, and no groups."""
-    fmt, weight = graph.values[op.input], op.weight
-    return bool(_identity(fmt.levels) and fmt.bits <= BITSERIAL_BITS
-                and weight.bits <= BITSERIAL_BITS and weight.affine is not None
-                and (not isinstance(op, ir.Conv) or op.groups == 1))
-
-
-def _passes_packed(value: str, layer, readers: dict, graph: ir.IntegerGraph, shapes: dict,
-                   target) -> bool:
-    """Whether the codes ``value`` (requantized inside bit-serial conv ``layer``) go from it to
-    their readers as packed planes: every reader is a bit-serial conv, and the channels fill
-    whole packed words (or one)."""
-    after = readers.get(value, [])
-    channels, word = shapes[value][1], bitserial_packed.word_bits(target)
-    return (isinstance(layer, ir.Conv) and _serial(layer, graph) and bool(after)
-            and value != graph.output
-            and all(isinstance(r, ir.Conv) and _serial(r, graph) for r in after)
-            and (channels <= word or channels % word == 0))
-
-
 def _inputs(op) -> list[str]:
     if hasattr(op, "inputs"):
         return list(op.inputs)
     return [op.input]
-
-
-def _identity(levels: torch.Tensor) -> bool:
-    return bool(torch.equal(levels, torch.arange(len(levels), dtype=levels.dtype)))
 
 
 def _shape_tag(shape) -> str:
