@@ -10,7 +10,7 @@ Round 0 is the warm-up (it holds the compilation, reported as ``warm-up s``) and
 is the first step of every later round. The table gives median step times and their ratios to the
 float model's step in the same mode (compiled against compiled) and to the eager float step.
 Usage: ``python benchmarks/step_time.py [--methods lsq,qil] [--bits 4,2] [--rounds 5]
-[--steps 12] [--modes eager,compiled]``.
+[--steps 12] [--modes eager,compiled] [--fixed-input-quantizers]``.
 """
 
 import argparse
@@ -36,6 +36,7 @@ class Config:
     bits: int | None
     model: torch.nn.Module
     compiled: bool
+    learn_inputs: bool = True
     steps: list[float] = field(default_factory=list)
     warmup: float = 0.0
 
@@ -45,7 +46,8 @@ class Config:
 
     def train(self, data, seed: int) -> list[float]:
         history = qcompile.train(self.model, data, epochs=1, batch_size=BATCH, lr=1e-3,
-                                 schedules=[], seed=seed, progress=False, compile=self.compiled)
+                                 schedules=[], seed=seed, progress=False, compile=self.compiled,
+                                 learn_input_quantizers=self.learn_inputs)
         return history.step_seconds
 
 
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds after warm-up")
     parser.add_argument("--steps", type=int, default=12, help="training steps per round")
     parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--fixed-input-quantizers", action="store_true",
+                        help="train(learn_input_quantizers=False)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -74,7 +78,8 @@ def main() -> None:
             for method in args.methods.split(","):
                 quantized = qcompile.quantize(model, example, bits=bits, method=method,
                                               calib_data=calibration)
-                configs.append(Config(method, bits, quantized, compiled))
+                configs.append(Config(method, bits, quantized, compiled,
+                                      not args.fixed_input_quantizers))
 
     for round_ in range(args.rounds + 1):
         for config in configs:

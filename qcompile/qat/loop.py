@@ -26,7 +26,7 @@ from qcompile.qat.interrupt import StopRequests
 from qcompile.qat.loaders import EpochBatches, Source, evaluation_loader, split_batch
 from qcompile.qat.metrics import EpochMeter, History, MetricsLog
 from qcompile.qat.optim import OptimConfig, make_lr_schedule, make_optimizer, parameter_groups
-from qcompile.qat.quantizers import set_model_input_quantizers_trainable
+from qcompile.qat.quantizers import freeze_model_input_quantizers
 from qcompile.qat.session import Session
 from qcompile.qat.state import Schedule, TrainState
 
@@ -42,7 +42,7 @@ class RunConfig:
     progress: bool
     checkpoint: Path | None
     compile: bool = False
-    learn_input_quantizers: bool = False
+    learn_input_quantizers: bool = True
 
 
 class Run(Session):
@@ -66,6 +66,7 @@ class Run(Session):
         self.opened = False
         self.safe = False
         self.before_hooks = None
+        self.frozen: list[nn.Parameter] = []
         self.teacher = None if distillation is None else distillation.teacher.to(world.device)
 
     def fit(self, resume: bool) -> History:
@@ -78,6 +79,8 @@ class Run(Session):
         finally:
             if self.distillation is not None:
                 self.distillation.teacher = self.teacher
+            for param in self.frozen:
+                param.requires_grad_(True)
         self.world.broadcast_buffers(self.model)
         if self.distillation is not None and self.distillation.trainable_parameters():
             self.world.broadcast_buffers(self.teacher)
@@ -120,7 +123,8 @@ class Run(Session):
         current parameters, and the DDP wrapper over them."""
         self.state.structure_changed = False
         self.model.to(self.world.device)
-        set_model_input_quantizers_trainable(self.model, self.config.learn_input_quantizers)
+        if not self.config.learn_input_quantizers:
+            self.frozen += freeze_model_input_quantizers(self.model)
         teacher = self.distillation.trainable_parameters() if self.distillation else []
         groups = parameter_groups(self.model, self.config.optim, teacher)
         self.parameters = [p for group in groups for p in group["params"]]

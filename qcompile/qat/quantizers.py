@@ -68,13 +68,17 @@ def model_input_quantizers(gm: fx.GraphModule) -> list[Quantizer]:
     return found
 
 
-def set_model_input_quantizers_trainable(gm: fx.GraphModule, trainable: bool) -> None:
-    """Train the quantizers of the model's inputs, or keep their calibrated parameters.
+def freeze_model_input_quantizers(gm: fx.GraphModule) -> list[nn.Parameter]:
+    """Keep the calibrated parameters of the quantizers of the model's inputs; return those this
+    froze, for the caller to thaw when its training ends.
 
-    Kept is the default of :func:`qcompile.train`: no layer precedes them, the data's range is
-    what calibration measured (8 bits hold an 8-bit image exactly), and learning them makes the
-    backward pass compute the first layer's input gradient, which the float model never does
-    (on the small CNN, ~2 of the ~4.4 ms a quantized step spends over a float one)."""
-    for quantizer in model_input_quantizers(gm):
-        for param in quantizer.parameters():
-            param.requires_grad_(trainable)
+    Learning them makes the backward pass compute the first layer's input gradient, which the
+    float model never does (on the small CNN, ~2 of the ~4.4 ms a quantized step spends over a
+    float one). Keeping them is faster but not free: QIL at W2A2 on mnist5k ended at 76.8%
+    instead of 92.5% (``benchmarks/qat_mnist.py``), so :func:`qcompile.train` learns them unless
+    told otherwise."""
+    frozen = [param for quantizer in model_input_quantizers(gm)
+              for param in quantizer.parameters() if param.requires_grad]
+    for param in frozen:
+        param.requires_grad_(False)
+    return frozen
