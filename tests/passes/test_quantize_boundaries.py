@@ -94,6 +94,7 @@ def test_every_add_cat_and_pool_reads_boundary_quantizers(arch, method, counts):
         assert len({o.target for o in operands}) == 1
         meta = operands[0].meta["quant_boundary"]
         quantizer = gm.get_submodule(operands[0].target)
+        assert quantizer.method == "lsq", "boundaries take LSQ whatever the layers' method"
         assert meta == {"bits": 8, "method": quantizer.method, "signed": quantizer.signed,
                         "kind": kind, "consumer": node.name}
         suffix = "input" if kind == "pool" else "operands"
@@ -209,7 +210,8 @@ def test_dorefa_falls_back_to_lsq_on_signed_add_operands():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 64, 64)
     ctx = qcompile.PassContext()
-    gm = quantized(torchvision.models.resnet18(weights=None), x, ctx=ctx, method="dorefa")
+    gm = quantized(torchvision.models.resnet18(weights=None), x, ctx=ctx, method="dorefa",
+                   passes=WITHOUT + ["quantize-boundaries{boundary_method=dorefa}"])
     for kind, _, operands in boundary_ops(gm):
         quantizer = gm.get_submodule(operands[0].target)
         if kind == "add":

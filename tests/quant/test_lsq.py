@@ -120,3 +120,26 @@ def test_step_stays_positive():
 def test_training_a_tiny_model_lowers_the_loss(train_tiny, bits):
     losses = train_tiny("lsq", bits)
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_least_squares_step_rounds_an_eight_bit_tensor_finer_than_the_paper_rule(signed):
+    """``initialize_least_squares`` (boundary quantizers) beats the low-bit rule at 8 bits and
+    is within a few percent of the best nearby step (it searches a grid of candidates)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, 6, 6)
+    x = x if signed else x.relu()
+    paper, fitted = (LSQActivationQuantizer(8, signed=signed) for _ in range(2))
+    paper.initialize(x)
+    fitted.initialize_least_squares(x)
+
+    def error(quantizer):
+        with torch.no_grad():
+            return float((quantizer(x) - x).pow(2).mean())
+
+    assert error(fitted) < error(paper) / 4
+    best = error(fitted)
+    for ratio in (0.9, 0.97, 1.03, 1.1):
+        other = LSQActivationQuantizer(8, signed=signed)
+        other.step.data = fitted.step.data * ratio
+        assert error(other) >= best * 0.95
