@@ -5,7 +5,8 @@ each method quantizes it (first and last layer 8-bit) at W4A4 and W2A2 and train
 loop, distilling from the float model (``--progressive`` adds progressive quantization, 8 -> 4 ->
 2 bits, to the W2A2 runs). Prints one row per run: accuracy before and after QAT, the float accuracy, and the median
 training-step time as a ratio to the float model's step (both measured by the same loop in this
-process). Usage: ``python benchmarks/qat_mnist.py [--epochs N] [--methods qil,lsq] [--bits 4,2]``.
+process). Usage: ``python benchmarks/qat_mnist.py [--epochs N] [--methods qil,lsq] [--bits 4,2]
+[--progressive] [--learn-input-quantizers]``.
 """
 
 import argparse
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progressive", action="store_true",
                         help="W2A2 runs lower the bit-width progressively, 8 -> 4 -> 2")
+    parser.add_argument("--learn-input-quantizers", action="store_true",
+                        help="train(learn_input_quantizers=True)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
@@ -69,7 +72,7 @@ def run(method, bits, float_graph, train, test, calibration, args) -> dict:
         schedules.append(ProgressiveBits(stages=(8, 4, 2)))
     history = qcompile.train(qm, train, test, epochs=args.epochs, lr=1e-3, teacher=float_graph,
                              schedules=schedules, calib_data=calibration, seed=args.seed,
-                             progress=False)
+                             progress=False, learn_input_quantizers=args.learn_input_quantizers)
     before = accuracy_at(float_graph, example, bits, method, calibration, test)
     return {"before": before, "after": history.final_val_accuracy,
             "step": history.median_step_seconds, "seconds": time.perf_counter() - start}

@@ -10,7 +10,7 @@ Round 0 is the warm-up (it holds the compilation, reported as ``warm-up s``) and
 is the first step of every later round. The table gives median step times and their ratios to the
 float model's step in the same mode (compiled against compiled) and to the eager float step.
 Usage: ``python benchmarks/step_time.py [--methods lsq,qil] [--bits 4,2] [--rounds 5]
-[--steps 12] [--modes eager,compiled] [--fixed-input-quantizers]``.
+[--steps 12] [--modes eager,compiled] [--learn-input-quantizers]``.
 """
 
 import argparse
@@ -36,7 +36,7 @@ class Config:
     bits: int | None
     model: torch.nn.Module
     compiled: bool
-    learn_inputs: bool = True
+    learn_inputs: bool = False
     steps: list[float] = field(default_factory=list)
     warmup: float = 0.0
 
@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds after warm-up")
     parser.add_argument("--steps", type=int, default=12, help="training steps per round")
     parser.add_argument("--modes", default="eager,compiled")
-    parser.add_argument("--fixed-input-quantizers", action="store_true",
-                        help="train(learn_input_quantizers=False)")
+    parser.add_argument("--learn-input-quantizers", action="store_true",
+                        help="train(learn_input_quantizers=True)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -79,7 +79,7 @@ def main() -> None:
                 quantized = qcompile.quantize(model, example, bits=bits, method=method,
                                               calib_data=calibration)
                 configs.append(Config(method, bits, quantized, compiled,
-                                      not args.fixed_input_quantizers))
+                                      args.learn_input_quantizers))
 
     for round_ in range(args.rounds + 1):
         for config in configs:

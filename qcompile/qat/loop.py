@@ -42,7 +42,7 @@ class RunConfig:
     progress: bool
     checkpoint: Path | None
     compile: bool = False
-    learn_input_quantizers: bool = True
+    learn_input_quantizers: bool = False
 
 
 class Run(Session):

@@ -73,10 +73,13 @@ def freeze_model_input_quantizers(gm: fx.GraphModule) -> list[nn.Parameter]:
     froze, for the caller to thaw when its training ends.
 
     Learning them makes the backward pass compute the first layer's input gradient, which the
-    float model never does (on the small CNN, ~2 of the ~4.4 ms a quantized step spends over a
-    float one). Keeping them is faster but not free: QIL at W2A2 on mnist5k ended at 76.8%
-    instead of 92.5% (``benchmarks/qat_mnist.py``), so :func:`qcompile.train` learns them unless
-    told otherwise."""
+    float model never does: on the small CNN a one-channel convolution whose input gradient
+    costs ~2.7 ms, a fifth of a compiled quantized step. Calibration has already seen the data
+    itself (not an activation that training moves), at 8 bits where first and last layers are:
+    on mnist5k, QIL, LSQ and PACT at W4A4 and W2A2 ended within 0.5 points of the learned runs,
+    some above and some below (``benchmarks/qat_mnist.py [--learn-input-quantizers]``), which is
+    run-to-run noise on 1,000 test images. So :func:`qcompile.train` keeps
+    them unless ``learn_input_quantizers=True``."""
     frozen = [param for quantizer in model_input_quantizers(gm)
               for param in quantizer.parameters() if param.requires_grad]
     for param in frozen:

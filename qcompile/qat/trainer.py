@@ -47,7 +47,7 @@ def train(
     calib_data: Iterable | None = None,
     device: str | torch.device | None = None,
     compile: bool = False,
-    learn_input_quantizers: bool = True,
+    learn_input_quantizers: bool = False,
 ) -> History:
     """Train the quantized graph ``qmodel`` in place; return the per-epoch :class:`History`.
 
@@ -75,9 +75,9 @@ def train(
     and the checkpoints stay those of ``qmodel``, so a compiled run resumes exactly (when it
     resumes compiled). Validation runs eagerly.
 
-    ``learn_input_quantizers=False`` keeps the calibrated parameters of the quantizers of the
-    model's own inputs (:func:`~qcompile.qat.quantizers.freeze_model_input_quantizers`):
-    a faster step, at a cost in accuracy for some methods.
+    The quantizers of the model's own inputs keep their calibrated parameters for the run unless
+    ``learn_input_quantizers=True`` (:func:`~qcompile.qat.quantizers.\
+freeze_model_input_quantizers` says why); a quantizer the caller froze stays frozen either way.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
