@@ -26,7 +26,7 @@ from qcompile.qat.interrupt import StopRequests
 from qcompile.qat.loaders import EpochBatches, Source, evaluation_loader, split_batch
 from qcompile.qat.metrics import EpochMeter, History, MetricsLog
 from qcompile.qat.optim import OptimConfig, make_lr_schedule, make_optimizer, parameter_groups
-from qcompile.qat.quantizers import freeze_model_input_quantizers
+from qcompile.qat.quantizers import freeze_model_input_quantizers, refresh_windows
 from qcompile.qat.session import Session
 from qcompile.qat.state import Schedule, TrainState
 
@@ -170,6 +170,8 @@ class Run(Session):
         self.call_hooks("on_step_start")
         if state.structure_changed:
             self.build_optimizer()
+        if self.config.compile:
+            refresh_windows(self.model)
         self.safe = False
         logits = self.forward_model(inputs)
         if self.distillation is not None:

@@ -55,6 +55,15 @@ def annealable_quantizers(gm: nn.Module) -> list[nn.Module]:
     return [module for module in gm.modules() if callable(getattr(module, "set_temperature", None))]
 
 
+def refresh_windows(gm: nn.Module) -> None:
+    """Let every quantizer that evaluates a soft function over a window of its thresholds choose
+    that window from its current parameters (``refresh_window``), outside a compiled step."""
+    for module in gm.modules():
+        refresh = getattr(module, "refresh_window", None)
+        if callable(refresh):
+            refresh()
+
+
 def model_input_quantizers(gm: fx.GraphModule) -> list[Quantizer]:
     """The quantizers that read one of the model's own inputs (the first layer's input)."""
     found = []

@@ -56,6 +56,7 @@ from torch import nn
 from qcompile.quant.base import IntegerSpec, Quantizer, replace_gradient
 from qcompile.quant.fit import best_steps
 from qcompile.quant.registry import register_method
+from qcompile.quant.sigmoid_window import choose_half_width, window_sum
 
 MIN_SCALE = 1e-8
 UNROLLED_STEPS = 32
@@ -83,6 +84,7 @@ class QNQuantizer(Quantizer):
         self.log_beta = nn.Parameter(torch.zeros(self.channels))
         midpoints = (values[1:] + values[:-1]).float() / 2
         self.biases = nn.Parameter(midpoints.repeat(self.channels, 1))
+        self.soft_half_width: int | None = None
 
     def set_temperature(self, temperature: float) -> "QNQuantizer":
         """Set the sigmoids' temperature ``T``; the paper raises it during training."""
@@ -126,7 +128,10 @@ class QNQuantizer(Quantizer):
         Fewer than :data:`UNROLLED_STEPS` sigmoids are added one by one, each an elementwise
         operation on ``x``: there is then no (elements, thresholds) temporary, whose memory
         traffic dominates in eager mode and whose gradient for the biases ``torch.compile``
-        turns into a slow strided reduction.
+        turns into a slow strided reduction. More (6 bits and up, where every step height is 1)
+        are summed over a window of the sorted thresholds around each element, to within
+        :data:`~qcompile.quant.sigmoid_window.TOLERANCE` of a step
+        (:mod:`qcompile.quant.sigmoid_window`), or in full when no window meets that bound.
         """
         shape = self.param_shape(x)
         scaled = beta.reshape(shape) * x
@@ -137,20 +142,46 @@ class QNQuantizer(Quantizer):
             for k in range(biases.shape[-1]):
                 total = total + heights[k] * torch.sigmoid(self.temperature
                                                            * (scaled - biases[..., k]))
-        else:
+            return alpha.reshape(shape) * (total + self.values[0])
+        ordered = self.biases.sort(dim=-1).values
+        half_width = self.window_half_width(ordered)
+        if half_width is None:
             steps = torch.sigmoid(self.temperature * (scaled.unsqueeze(-1) - biases))
             total = (steps * heights).sum(dim=-1)
+        else:
+            axis = self.channel_axis if self.per_channel else None
+            total = window_sum(scaled, ordered, self.temperature, half_width, axis)
         return alpha.reshape(shape) * (total + self.values[0])
+
+    def window_half_width(self, ordered: torch.Tensor) -> int | None:
+        """The window for this call: chosen from the thresholds now in eager mode; under
+        ``torch.compile``, which cannot branch on parameter values, the one
+        :meth:`refresh_window` chose before the step (None, the full sum, if it never ran)."""
+        if torch.compiler.is_compiling():
+            return self.soft_half_width
+        return choose_half_width(ordered.detach(), float(self.temperature))
+
+    @torch.no_grad()
+    def refresh_window(self) -> None:
+        """Choose the soft function's threshold window for the current thresholds and
+        temperature; the training loop calls this before each compiled step."""
+        self.soft_half_width = None
+        if self.biases.shape[-1] >= UNROLLED_STEPS:
+            ordered = self.biases.sort(dim=-1).values
+            self.soft_half_width = choose_half_width(ordered, float(self.temperature))
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         alpha, beta = self.scales()
-        soft = self.soft(x, alpha, beta)
         if self.training and not self.hard:
-            return soft
+            return self.soft(x, alpha, beta)
         with torch.no_grad():
             spec = self._spec(alpha.detach(), beta.detach(), self.biases.detach())
             value = spec.dequantize(spec.quantize(x)).to(x.dtype)
-        return replace_gradient(value, soft)
+        if not torch.is_grad_enabled() or not (x.requires_grad or self.biases.requires_grad
+                                               or self.log_alpha.requires_grad
+                                               or self.log_beta.requires_grad):
+            return value
+        return replace_gradient(value, self.soft(x, alpha, beta))
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:

@@ -1,0 +1,82 @@
+"""Quantization Networks' sum of sigmoids, evaluated over a window of thresholds near each input.
+
+The soft staircase of Quantization Networks (Yang et al., CVPR 2019, Sec. 3.2) with ``n`` unit
+steps is ``sum_i sigmoid(T * (s - b_i))`` for the scaled input ``s``. At 8 bits that is 255
+sigmoids per element, forward and backward, although all but those of the thresholds near ``s``
+are saturated: with the thresholds sorted, every ``b_i`` far below ``s`` contributes 1 and every
+one far above 0 to within ``exp(-T * distance)``. :func:`window_sum` therefore counts the
+thresholds below a window of ``2 W`` sorted thresholds around ``s`` as whole steps, those above
+as nothing, and evaluates sigmoids only inside the window.
+
+The error has a bound that :func:`truncation_bound` computes from the thresholds themselves.
+Let ``k`` count the thresholds ``<= s``; the window starts at ``lo = clamp(k - W, 0, n - 2W)``.
+A threshold ``b_i`` below it has ``i + W <= k - 1``, so ``s - b_i >= b_{k-1} - b_i``, which spans
+at least ``1 + floor(m / W)`` disjoint runs of ``W`` gaps for the ``m``-th threshold below the
+window (the same holds above it). With ``G`` the smallest span of ``W`` consecutive gaps and
+``a = T * G``, each side misses at most ``W * sum_{r >= 1} exp(-a r)``, so in units of a step
+
+    |window_sum - full sum| <= 2 W exp(-a) / (1 - exp(-a)),
+
+and the derivative in ``s`` misses at most ``T`` times that. Thresholds that crowd together make
+``G`` small and the bound large; :func:`choose_half_width` then picks a wider window, or none
+(the full sum). The bound holds for any thresholds, not just evenly spaced ones.
+"""
+
+import math
+
+import torch
+
+from qcompile.quant.base import threshold_index
+
+HALF_WIDTHS = (2, 4, 8, 16, 32, 64)
+"""Window half-widths ``W`` tried, smallest first (2W sigmoids per element)."""
+TOLERANCE = 1e-4
+"""Largest truncation error allowed, in units of one step of the staircase."""
+
+
+def truncation_bound(sorted_biases: torch.Tensor, temperature: float, half_width: int) -> float:
+    """The bound above for rows of sorted thresholds (C, n) and the window half-width ``W``."""
+    spans = sorted_biases[..., half_width:] - sorted_biases[..., :-half_width]
+    exponent = temperature * float(spans.min())
+    if exponent <= 0:
+        return math.inf
+    return 2 * half_width * math.exp(-exponent) / -math.expm1(-exponent)
+
+
+def choose_half_width(sorted_biases: torch.Tensor, temperature: float,
+                      tolerance: float = TOLERANCE) -> int | None:
+    """The smallest ``W`` of :data:`HALF_WIDTHS` whose bound is within ``tolerance``, or None
+    when no window smaller than all the thresholds is (then the full sum is the one to use)."""
+    count = sorted_biases.shape[-1]
+    with torch.no_grad():
+        for half_width in HALF_WIDTHS:
+            if 2 * half_width >= count:
+                return None
+            if truncation_bound(sorted_biases, temperature, half_width) <= tolerance:
+                return half_width
+    return None
+
+
+def window_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: torch.Tensor,
+               half_width: int, axis: int | None) -> torch.Tensor:
+    """``sum_i sigmoid(T * (scaled - b_i))`` to within :func:`truncation_bound`.
+
+    ``sorted_biases`` is (C, n), rows non-decreasing, one row per channel along ``axis`` of
+    ``scaled`` (a single row when per tensor); gradients reach ``scaled``, ``sorted_biases`` (the
+    ``2 W`` of the window, per element) and ``temperature``.
+    """
+    channels, count = sorted_biases.shape
+    width = 2 * half_width
+    with torch.no_grad():
+        index = threshold_index(scaled, sorted_biases, axis if channels > 1 else None)
+        lower = (index - half_width).clamp(0, count - width)
+        start = lower
+        if channels > 1:
+            shape = [1] * scaled.dim()
+            shape[axis % scaled.dim()] = channels
+            rows = torch.arange(channels, device=scaled.device).reshape(shape)
+            start = lower + rows * count
+        window = start.unsqueeze(-1) + torch.arange(width, device=scaled.device)
+    biases = sorted_biases.reshape(-1)[window]
+    steps = torch.sigmoid(temperature * (scaled.unsqueeze(-1) - biases)).sum(dim=-1)
+    return lower.to(scaled.dtype) + steps

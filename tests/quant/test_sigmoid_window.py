@@ -1,0 +1,121 @@
+"""Quantization Networks' sigmoid sum over a window of thresholds: within its bound of the full sum."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcompile.quant import make_quantizer
+from qcompile.quant.sigmoid_window import (
+    HALF_WIDTHS,
+    choose_half_width,
+    truncation_bound,
+    window_sum,
+)
+
+
+def full_sum(scaled, biases, temperature, axis):
+    """The paper's sum over every threshold; ``biases`` (C, n) along ``axis`` of ``scaled``."""
+    shape = [1] * scaled.dim() + [biases.shape[-1]]
+    if biases.shape[0] > 1:
+        shape[axis] = biases.shape[0]
+    return torch.sigmoid(temperature * (scaled.unsqueeze(-1) - biases.reshape(shape))).sum(-1)
+
+
+def random_thresholds(seed, channels, count, jitter):
+    gen = torch.Generator().manual_seed(seed)
+    even = torch.arange(count, dtype=torch.float64) - count / 2 + 0.5
+    noisy = even + jitter * torch.randn(channels, count, generator=gen, dtype=torch.float64)
+    return noisy.sort(dim=-1).values
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), channels=st.sampled_from([1, 3]),
+       count=st.sampled_from([31, 63, 255]), jitter=st.floats(0.0, 0.45),
+       temperature=st.floats(0.5, 300.0), half_width=st.sampled_from(HALF_WIDTHS[:4]))
+def test_window_sum_is_within_its_bound_of_the_full_sum(seed, channels, count, jitter,
+                                                        temperature, half_width):
+    if 2 * half_width >= count:
+        return
+    biases = random_thresholds(seed, channels, count, jitter)
+    gen = torch.Generator().manual_seed(seed + 1)
+    scaled = (count * 0.7) * (torch.rand(4, channels, 5, generator=gen, dtype=torch.float64)
+                              - 0.5)
+    axis = 1 if channels > 1 else None
+    t = torch.tensor(temperature, dtype=torch.float64)
+    error = (window_sum(scaled, biases, t, half_width, axis)
+             - full_sum(scaled, biases, t, 1)).abs().max().item()
+    assert error <= truncation_bound(biases, temperature, half_width) + 1e-9
+
+
+def test_bound_is_tight_enough_to_matter_and_an_error_past_the_window_shows():
+    """Evenly spaced thresholds at T = 1: W = 4 misses about exp(-4) per side (above tolerance),
+    W = 16 is within 1e-4 of a step, and the chosen window is the smallest that is."""
+    biases = random_thresholds(0, 1, 255, 0.0)
+    scaled = torch.linspace(-140, 140, 2001, dtype=torch.float64)
+    t = torch.tensor(1.0, dtype=torch.float64)
+    exact = full_sum(scaled, biases, t, 0)
+    coarse = (window_sum(scaled, biases, t, 4, None) - exact).abs().max().item()
+    assert 1e-2 < coarse <= truncation_bound(biases, 1.0, 4)
+    chosen = choose_half_width(biases, 1.0)
+    assert chosen == 16
+    assert (window_sum(scaled, biases, t, chosen, None) - exact).abs().max().item() <= 1e-4
+    assert choose_half_width(biases, 50.0) == 2
+
+
+def test_crowded_thresholds_widen_the_window_or_fall_back_to_the_full_sum():
+    biases = random_thresholds(0, 1, 255, 0.0)
+    crowded = biases.clone()
+    crowded[0, 100:140] = 0.0
+    assert choose_half_width(crowded.sort(-1).values, 1.0) == 64
+    crowded[0, 50:200] = 0.0
+    assert choose_half_width(crowded.sort(-1).values, 1.0) is None
+
+
+def test_gradients_match_the_full_sum_within_the_bound():
+    biases = random_thresholds(3, 2, 63, 0.3).requires_grad_(True)
+    scaled = (40 * (torch.rand(6, 2, 7, dtype=torch.float64) - 0.5)).requires_grad_(True)
+    t = torch.tensor(2.0, dtype=torch.float64)
+    half_width = choose_half_width(biases.detach(), 2.0)
+    assert half_width is not None and 2 * half_width < 63
+    weights = torch.rand(6, 2, 7, dtype=torch.float64)
+    grads = []
+    for total in (window_sum(scaled, biases, t, half_width, 1), full_sum(scaled, biases, t, 1)):
+        grads.append(torch.autograd.grad((weights * total).sum(), (scaled, biases)))
+    bound = 2.0 * truncation_bound(biases.detach(), 2.0, half_width)
+    assert (grads[0][0] - grads[1][0]).abs().max().item() <= bound
+    assert (grads[0][1] - grads[1][1]).abs().max().item() <= bound * weights.numel()
+
+
+def test_eight_bit_quantizer_soft_forward_uses_the_window_and_stays_within_tolerance():
+    q = make_quantizer("qn", "activation", 8, signed=False).double()
+    x = torch.rand(4000, dtype=torch.float64) * 3
+    q.initialize(x)
+    with torch.no_grad():
+        q.biases.add_(0.2 * torch.randn_like(q.biases))
+    q.train()
+    alpha, beta = q.scales()
+    full = alpha * full_sum(beta * x, q.biases.detach(), q.temperature, 0)
+    assert (q(x) - full).abs().max().item() <= 1e-4 * alpha.item()
+    assert choose_half_width(q.biases.detach().sort(-1).values, 1.0) is not None
+
+
+def test_refresh_window_is_what_a_compiled_forward_reads():
+    q = make_quantizer("qn", "weight", 8, signed=True, per_channel=True, channels=3)
+    w = torch.randn(3, 40)
+    q.initialize(w)
+    q.train()
+    assert q.soft_half_width is None
+    q.refresh_window()
+    assert q.soft_half_width == choose_half_width(q.biases.detach().sort(-1).values, 1.0)
+    compiled = torch.compile(q, dynamic=False, fullgraph=True)
+    torch.testing.assert_close(compiled(w), q(w), rtol=0, atol=1e-5)
+    q.set_temperature(40.0)
+    q.refresh_window()
+    assert q.soft_half_width == 2
+    torch.testing.assert_close(compiled(w), q(w), rtol=0, atol=1e-5)
+
+
+def test_two_bit_quantizer_is_unchanged_by_windows():
+    q = make_quantizer("qn", "activation", 2, signed=False)
+    q.refresh_window()
+    assert q.soft_half_width is None
