@@ -9,8 +9,12 @@ short epoch in turn, so a load that comes and goes on the machine is shared by a
 Round 0 is the warm-up (it holds the compilation, reported as ``warm-up s``) and is left out, as
 is the first step of every later round. The table gives median step times and their ratios to the
 float model's step in the same mode (compiled against compiled) and to the eager float step.
+Quantizers with a temperature (Quantization Networks) keep the one given by ``--temperature``
+(default 1, the first epoch of the default annealing, where the sigmoids are widest and the
+soft function costs most; 19 is the second epoch of a 12-epoch run, from which on every quantizer
+sums only a few sigmoids per element).
 Usage: ``python benchmarks/step_time.py [--methods lsq,qil] [--bits 4,2] [--rounds 5]
-[--steps 12] [--modes eager,compiled] [--learn-input-quantizers]``.
+[--steps 12] [--modes eager,compiled] [--temperature 1] [--learn-input-quantizers]``.
 """
 
 import argparse
@@ -24,6 +28,7 @@ import torch
 import qcompile
 from qcompile.data import load_builtin
 from qcompile.models import SmallCNN
+from qcompile.qat.quantizers import annealable_quantizers
 
 BATCH = 64
 
@@ -58,6 +63,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds after warm-up")
     parser.add_argument("--steps", type=int, default=12, help="training steps per round")
     parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="temperature of quantizers that have one (QN)")
     parser.add_argument("--learn-input-quantizers", action="store_true",
                         help="train(learn_input_quantizers=True)")
     args = parser.parse_args()
@@ -78,6 +85,8 @@ def main() -> None:
             for method in args.methods.split(","):
                 quantized = qcompile.quantize(model, example, bits=bits, method=method,
                                               calib_data=calibration)
+                for quantizer in annealable_quantizers(quantized):
+                    quantizer.set_temperature(args.temperature)
                 configs.append(Config(method, bits, quantized, compiled,
                                       args.learn_input_quantizers))
 

@@ -56,11 +56,14 @@ from torch import nn
 from qcompile.quant.base import IntegerSpec, Quantizer, replace_gradient
 from qcompile.quant.fit import best_steps
 from qcompile.quant.registry import register_method
-from qcompile.quant.sigmoid_window import choose_half_width, window_sum
+from qcompile.quant.sigmoid_window import (
+    TOLERANCE, choose_half_width, truncation_bound, window_sum)
 
 MIN_SCALE = 1e-8
 UNROLLED_STEPS = 32
 """Below this many thresholds :meth:`QNQuantizer.soft` adds its sigmoids one at a time."""
+WINDOWED_STEPS = 8
+"""From this many thresholds (3 bits and up) :meth:`QNQuantizer.soft` tries a window of them."""
 
 
 class QNQuantizer(Quantizer):
@@ -89,6 +92,7 @@ class QNQuantizer(Quantizer):
     def set_temperature(self, temperature: float) -> "QNQuantizer":
         """Set the sigmoids' temperature ``T``; the paper raises it during training."""
         self.temperature.fill_(float(temperature))
+        self.soft_half_width = None
         return self
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,32 +129,36 @@ class QNQuantizer(Quantizer):
     def soft(self, x: torch.Tensor, alpha, beta) -> torch.Tensor:
         """``alpha * (v_0 + sum_i s_i * sigmoid(T * (beta * x - b_i)))`` (Sec. 3.2).
 
-        Fewer than :data:`UNROLLED_STEPS` sigmoids are added one by one, each an elementwise
-        operation on ``x``: there is then no (elements, thresholds) temporary, whose memory
-        traffic dominates in eager mode and whose gradient for the biases ``torch.compile``
-        turns into a slow strided reduction. More (6 bits and up, where every step height is 1)
-        are summed over a window of the sorted thresholds around each element, to within
-        :data:`~qcompile.quant.sigmoid_window.TOLERANCE` of a step
-        (:mod:`qcompile.quant.sigmoid_window`), or in full when no window meets that bound.
+        From :data:`WINDOWED_STEPS` thresholds on (3 bits and up, where every step height is 1),
+        the sigmoids are summed over a window of the sorted thresholds around each element when
+        a window meets :data:`~qcompile.quant.sigmoid_window.TOLERANCE` of a step
+        (:mod:`qcompile.quant.sigmoid_window`): at 8 bits 32 sigmoids instead of 255 at ``T =
+        1``, and 4 from ``T`` of about 6 on, at any bit-width. Otherwise all of them are summed:
+        fewer than :data:`UNROLLED_STEPS` one by one, each an elementwise operation on ``x``, so
+        there is no (elements, thresholds) temporary, whose memory traffic dominates in eager
+        mode and whose gradient for the biases ``torch.compile`` turns into a slow strided
+        reduction.
         """
         shape = self.param_shape(x)
         scaled = beta.reshape(shape) * x
         biases = self.biases.reshape(*shape, -1)
+        count = biases.shape[-1]
+        if count >= WINDOWED_STEPS:
+            ordered = self.biases.sort(dim=-1).values
+            half_width = self.window_half_width(ordered)
+            if half_width is not None:
+                axis = self.channel_axis if self.per_channel else None
+                total = window_sum(scaled, ordered, self.temperature, half_width, axis)
+                return alpha.reshape(shape) * (total + self.values[0])
         heights = self.step_heights()
-        if biases.shape[-1] < UNROLLED_STEPS:
+        if count < UNROLLED_STEPS:
             total = torch.zeros_like(scaled)
-            for k in range(biases.shape[-1]):
+            for k in range(count):
                 total = total + heights[k] * torch.sigmoid(self.temperature
                                                            * (scaled - biases[..., k]))
-            return alpha.reshape(shape) * (total + self.values[0])
-        ordered = self.biases.sort(dim=-1).values
-        half_width = self.window_half_width(ordered)
-        if half_width is None:
+        else:
             steps = torch.sigmoid(self.temperature * (scaled.unsqueeze(-1) - biases))
             total = (steps * heights).sum(dim=-1)
-        else:
-            axis = self.channel_axis if self.per_channel else None
-            total = window_sum(scaled, ordered, self.temperature, half_width, axis)
         return alpha.reshape(shape) * (total + self.values[0])
 
     def window_half_width(self, ordered: torch.Tensor) -> int | None:
@@ -164,11 +172,16 @@ class QNQuantizer(Quantizer):
     @torch.no_grad()
     def refresh_window(self) -> None:
         """Choose the soft function's threshold window for the current thresholds and
-        temperature; the training loop calls this before each compiled step."""
-        self.soft_half_width = None
-        if self.biases.shape[-1] >= UNROLLED_STEPS:
-            ordered = self.biases.sort(dim=-1).values
-            self.soft_half_width = choose_half_width(ordered, float(self.temperature))
+        temperature; the training loop calls this before each compiled step. A window that still
+        meets the bound is kept (each new one is another compiled graph), so it changes when the
+        temperature does (:meth:`set_temperature` clears it) or when thresholds crowd together."""
+        if self.biases.shape[-1] < WINDOWED_STEPS:
+            return
+        ordered = self.biases.sort(dim=-1).values
+        kept = self.soft_half_width
+        temperature = float(self.temperature)
+        if kept is None or truncation_bound(ordered, temperature, kept) > TOLERANCE:
+            self.soft_half_width = choose_half_width(ordered, temperature)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         alpha, beta = self.scales()

@@ -119,3 +119,35 @@ def test_two_bit_quantizer_is_unchanged_by_windows():
     q = make_quantizer("qn", "activation", 2, signed=False)
     q.refresh_window()
     assert q.soft_half_width is None
+
+
+def test_refresh_keeps_a_window_that_still_meets_the_bound():
+    q = make_quantizer("qn", "activation", 8, signed=False)
+    q.initialize(torch.rand(1000) * 4)
+    q.set_temperature(1.0)
+    q.refresh_window()
+    assert q.soft_half_width == 16
+    q.soft_half_width = 32
+    q.refresh_window()
+    assert q.soft_half_width == 32
+    q.soft_half_width = 4
+    q.refresh_window()
+    assert q.soft_half_width == 16
+    q.set_temperature(3.0)
+    assert q.soft_half_width is None
+    q.refresh_window()
+    assert q.soft_half_width == 4
+
+
+def test_four_bit_quantizer_windows_once_the_temperature_allows():
+    q = make_quantizer("qn", "activation", 4, signed=False).double()
+    x = torch.rand(3000, dtype=torch.float64) * 2
+    q.initialize(x)
+    q.train()
+    alpha, beta = q.scales()
+    for temperature, expected in ((1.0, None), (3.0, 4), (20.0, 2)):
+        q.set_temperature(temperature)
+        q.refresh_window()
+        assert q.soft_half_width == expected
+        full = alpha * full_sum(beta * x, q.biases.detach(), q.temperature, 0)
+        assert (q(x) - full).abs().max().item() <= 1e-4 * alpha.item()
