@@ -139,15 +139,16 @@ def test_refresh_keeps_a_window_that_still_meets_the_bound():
     assert q.soft_half_width == 4
 
 
-def test_four_bit_quantizer_windows_once_the_temperature_allows():
-    q = make_quantizer("qn", "activation", 4, signed=False).double()
+def test_six_bit_quantizer_windows_once_the_temperature_allows_and_four_bit_never():
     x = torch.rand(3000, dtype=torch.float64) * 2
-    q.initialize(x)
-    q.train()
-    alpha, beta = q.scales()
-    for temperature, expected in ((1.0, None), (3.0, 4), (20.0, 2)):
-        q.set_temperature(temperature)
-        q.refresh_window()
-        assert q.soft_half_width == expected
-        full = alpha * full_sum(beta * x, q.biases.detach(), q.temperature, 0)
-        assert (q(x) - full).abs().max().item() <= 1e-4 * alpha.item()
+    for bits, windows in ((6, (16, 4, 2)), (4, (None, None, None))):
+        q = make_quantizer("qn", "activation", bits, signed=False).double()
+        q.initialize(x)
+        q.train()
+        alpha, beta = q.scales()
+        for temperature, expected in zip((1.0, 3.0, 20.0), windows, strict=True):
+            q.set_temperature(temperature)
+            q.refresh_window()
+            assert q.soft_half_width == expected
+            full = alpha * full_sum(beta * x, q.biases.detach(), q.temperature, 0)
+            assert (q(x) - full).abs().max().item() <= 1e-4 * alpha.item()
