@@ -58,8 +58,7 @@ from torch import nn
 from qcompile.quant.base import IntegerSpec, Quantizer, replace_gradient
 from qcompile.quant.fit import best_steps
 from qcompile.quant.registry import register_method
-from qcompile.quant.sigmoid_window import (
-    TOLERANCE, choose_half_width, truncation_bound, window_sum)
+from qcompile.quant.sigmoid_window import choose_half_width, window_sum
 
 MIN_SCALE = 1e-8
 UNROLLED_STEPS = 32
@@ -97,7 +96,6 @@ class QNQuantizer(Quantizer):
     def set_temperature(self, temperature: float) -> "QNQuantizer":
         """Set the sigmoids' temperature ``T``; the paper raises it during training."""
         self.temperature.fill_(float(temperature))
-        self.soft_half_width = None
         return self
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,16 +175,13 @@ class QNQuantizer(Quantizer):
     @torch.no_grad()
     def refresh_window(self) -> None:
         """Choose the soft function's threshold window for the current thresholds and
-        temperature; the training loop calls this before each compiled step. A window that still
-        meets the bound is kept (each new one is another compiled graph), so it changes when the
-        temperature does (:meth:`set_temperature` clears it) or when thresholds crowd together."""
-        if self.biases.shape[-1] < WINDOWED_STEPS:
-            return
-        ordered = self.biases.sort(dim=-1).values
-        kept = self.soft_half_width
-        temperature = float(self.temperature)
-        if kept is None or truncation_bound(ordered, temperature, kept) > TOLERANCE:
-            self.soft_half_width = choose_half_width(ordered, temperature)
+        temperature, as eager mode does on every call; the training loop calls this before each
+        compiled step. The choice is a function of the parameters and ``T`` alone, so a resumed
+        run chooses what the uninterrupted one did."""
+        self.soft_half_width = None
+        if self.biases.shape[-1] >= WINDOWED_STEPS:
+            ordered = self.biases.sort(dim=-1).values
+            self.soft_half_width = choose_half_width(ordered, float(self.temperature))
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         alpha, beta = self.scales()

@@ -103,12 +103,13 @@ class CtrlC(Schedule):
 
 
 def test_sigint_stops_at_a_step_boundary_and_resumes(tmp_path, uninterrupted):
+    handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as stopped:
         run(tmp_path, CtrlC(6))
     position = torch.load(tmp_path / "last.pt", weights_only=True)["position"]
     assert position["step"] == 7  # the step under way when the signal came was completed
     assert "batch 3/4" in str(stopped.value)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
     model, _ = run(tmp_path, CtrlC(None), resume=True)
     assert_same_weights(model, uninterrupted[0])
 
