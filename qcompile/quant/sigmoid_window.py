@@ -20,6 +20,13 @@ window (the same holds above it). With ``G`` the smallest span of ``W`` consecut
 and the derivative in ``s`` misses at most ``T`` times that. Thresholds that crowd together make
 ``G`` small and the bound large; :func:`choose_half_width` then picks a wider window, or none
 (the full sum). The bound holds for any thresholds, not just evenly spaced ones.
+
+The gradient of the window's thresholds is each element's contribution summed into the
+threshold it read. A scatter-add (``index_put_``, or inductor's atomic adds) sums them in
+whatever order the threads reach them, which makes two runs of the same step differ in the last
+bits, and a resumed run drift from the uninterrupted one; :class:`GatherThresholds` sums them with
+:func:`threshold_gradient`, one pass in a fixed order (``torch.bincount``, in float64), an
+operator of our own so ``torch.compile`` calls it as it is.
 """
 
 import math
@@ -57,6 +64,35 @@ def choose_half_width(sorted_biases: torch.Tensor, temperature: float,
     return None
 
 
+@torch.library.custom_op("qcompile::threshold_gradient", mutates_args=())
+def threshold_gradient(window: torch.Tensor, grad: torch.Tensor, count: int) -> torch.Tensor:
+    """``out[i] = sum of grad[e] over the e with window[e] == i``, for ``i < count``, summed in
+    a fixed order (deterministic)."""
+    sums = torch.bincount(window.reshape(-1), weights=grad.reshape(-1).to(torch.float64),
+                          minlength=count)
+    return sums.to(grad.dtype)
+
+
+@threshold_gradient.register_fake
+def _(window: torch.Tensor, grad: torch.Tensor, count: int) -> torch.Tensor:
+    return grad.new_empty(count)
+
+
+class GatherThresholds(torch.autograd.Function):
+    """``flat[window]``, whose backward sums the gradient with :func:`threshold_gradient`."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(window)
+        ctx.count = flat.numel()
+        return flat[window]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (window,) = ctx.saved_tensors
+        return threshold_gradient(window, grad.contiguous(), ctx.count), None
+
+
 def window_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: torch.Tensor,
                half_width: int, axis: int | None) -> torch.Tensor:
     """``sum_i sigmoid(T * (scaled - b_i))`` to within :func:`truncation_bound`.
@@ -77,6 +113,6 @@ def window_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: t
             rows = torch.arange(channels, device=scaled.device).reshape(shape)
             start = lower + rows * count
         window = start.unsqueeze(-1) + torch.arange(width, device=scaled.device)
-    biases = sorted_biases.reshape(-1)[window]
+    biases = GatherThresholds.apply(sorted_biases.reshape(-1), window)
     steps = torch.sigmoid(temperature * (scaled.unsqueeze(-1) - biases)).sum(dim=-1)
     return lower.to(scaled.dtype) + steps

@@ -1,5 +1,6 @@
 """Quantization Networks' sigmoid sum over a window of thresholds: within its bound of the full sum."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -146,3 +147,32 @@ def test_six_bit_quantizer_windows_once_the_temperature_allows_and_four_bit_neve
             assert q.soft_half_width == expected
             full = alpha * full_sum(beta * x, q.biases.detach(), q.temperature, 0)
             assert (q(x) - full).abs().max().item() <= 1e-4 * alpha.item()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_threshold_gradients_are_the_same_every_time_with_two_threads(compiled):
+    """The window's threshold gradients are summed in a fixed order: a scatter-add over two
+    threads (``index_put_`` eager, atomic adds compiled) differed in the last bits run to run,
+    so a resumed run could not reproduce the uninterrupted one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q = make_quantizer("qn", "activation", 8, signed=False)
+        x = torch.rand(64, 512, generator=torch.Generator().manual_seed(0)) * 3
+        q.initialize(x)
+        q.train()
+        q.refresh_window()
+        forward = torch.compile(q, dynamic=False) if compiled else q
+        grads = []
+        for _ in range(4):
+            q.zero_grad()
+            forward(x).pow(2).sum().backward()
+            grads.append(q.biases.grad.clone())
+        assert all(torch.equal(grads[0], grad) for grad in grads)
+        biases = q.biases.detach().double().requires_grad_(True)
+        alpha, beta = (v.detach().double() for v in q.scales())
+        soft = alpha * (full_sum(beta * x.double(), biases, q.temperature.double(), 0))
+        reference = torch.autograd.grad(soft.pow(2).sum(), biases)[0]
+        torch.testing.assert_close(grads[0].double(), reference, rtol=1e-3, atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
