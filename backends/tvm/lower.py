@@ -34,6 +34,7 @@ from qcompile.backends.tvm import glue_plan
 from qcompile.backends.tvm.kernels import bitserial_packed, glue, pooling
 from qcompile.backends.tvm.kernels.epilogue import Epilogue
 from qcompile.backends.tvm.kernels.glue import Terms
+from qcompile.backends.tvm.lower_layers import plan_layer, shape_tag
 from qcompile.backends.tvm.relax_module import Call, build_module
 from qcompile.errors import NotDeployableError
 
@@ -103,8 +104,8 @@ class _Builder:
                 continue
             getattr(self, f"_plan_{type(op).__name__.lower()}")(op)
 
-    def _call(self, value: str, symbol: str, func, args: list, dtype: str = "int32",
-              trace_only: bool = False, traced: bool = True) -> None:
+    def call(self, value: str, symbol: str, func, args: list, dtype: str = "int32",
+             trace_only: bool = False, traced: bool = True) -> None:
         """Record ``value = func(*args)``; ``args`` are value names or parameter arrays."""
         if symbol not in self.kernels:
             self.kernels[symbol] = func() if callable(func) else func
@@ -112,15 +113,15 @@ class _Builder:
         if traced:
             self.traced.append(value)
 
-    def _packed(self, value: str, bits: int, emit) -> None:
+    def emit_packed(self, value: str, bits: int, emit) -> None:
         """``emit(name)`` computes ``value`` as packed planes under ``name``; the trace unpacks
         them to the int32 codes every other value is traced as."""
         packed = f"{value}:packed"
         shape = self.shapes[value]
         self.shapes[packed] = bitserial_packed.packed_shape(shape, bits, self.target)
         emit(packed)
-        symbol = f"unpack_{_shape_tag(shape)}_b{bits}"
-        self._call(value, symbol, lambda: bitserial_packed.unpack_codes(shape, bits, self.target),
+        symbol = f"unpack_{shape_tag(shape)}_b{bits}"
+        self.call(value, symbol, lambda: bitserial_packed.unpack_codes(shape, bits, self.target),
                    [packed], trace_only=True)
 
     def _integers(self, name: str) -> tuple[list[str], Terms]:
@@ -137,13 +138,13 @@ class _Builder:
         value = f"{name}:integers"
         shape = self.shapes[name]
         self.shapes[value] = shape
-        symbol = f"lookup_{_shape_tag(shape)}_{len(fmt.levels)}"
-        self._call(value, symbol,
+        symbol = f"lookup_{shape_tag(shape)}_{len(fmt.levels)}"
+        self.call(value, symbol,
                    lambda: glue.lookup(shape, len(fmt.levels), self.target, symbol),
                    [name, np.ascontiguousarray(fmt.levels.numpy().astype("int32"))])
         return [value], ONE
 
-    def _materialized(self, name: str) -> str:
+    def materialized(self, name: str) -> str:
         """A value holding the integers ``name`` stands for (for kernels that read one)."""
         sources, terms = self._integers(name)
         if terms == ONE:
@@ -155,8 +156,8 @@ class _Builder:
 
     def _emit_add(self, value: str, sources: list[str], terms: Terms, shape,
                   trace_only: bool = False) -> None:
-        symbol = f"add{len(sources)}_{_shape_tag(shape)}{terms.tag}"
-        self._call(value, symbol, lambda: glue.add(shape, terms, self.target, symbol), sources,
+        symbol = f"add{len(sources)}_{shape_tag(shape)}{terms.tag}"
+        self.call(value, symbol, lambda: glue.add(shape, terms, self.target, symbol), sources,
                    trace_only=trace_only)
 
     def _plan_quantize(self, op: ir.Quantize) -> None:
@@ -167,13 +168,13 @@ class _Builder:
             zero = float(spec.zero_point.reshape(-1)[0])
             args = (float(spec.scale.reshape(-1)[0]), zero, spec.qmin, spec.qmax,
                     int(spec.codes[0]), op.low, op.high)
-            symbol = f"quantize_{_shape_tag(shape)}_{abs(hash(args)) % 10**8}"
-            self._call(op.name, symbol,
+            symbol = f"quantize_{shape_tag(shape)}_{abs(hash(args)) % 10**8}"
+            self.call(op.name, symbol,
                        lambda: glue.quantize_affine(shape, *args, self.target, symbol), [op.input])
             return
         count = spec.thresholds.shape[-1]
-        symbol = f"quantize_t{count}_{_shape_tag(shape)}"
-        self._call(op.name, symbol,
+        symbol = f"quantize_t{count}_{shape_tag(shape)}"
+        self.call(op.name, symbol,
                    lambda: glue.quantize_thresholds(shape, count, op.low, op.high, self.target,
                                                     symbol),
                    [op.input, np.ascontiguousarray(spec.thresholds.double().reshape(-1).numpy())])
@@ -199,16 +200,16 @@ class _Builder:
         table = glue_plan.staircase_table(op, self.graph.values.get(op.input))
         if table is not None:
             low, codes = table
-            symbol = (f"requantize_table{_shape_tag(codes.shape)}{codes.dtype}_"
-                      f"{_shape_tag(shape)}{terms.tag}_l{low}").replace("-", "m")
-            self._call(value, symbol,
+            symbol = (f"requantize_table{shape_tag(codes.shape)}{codes.dtype}_"
+                      f"{shape_tag(shape)}{terms.tag}_l{low}").replace("-", "m")
+            self.call(value, symbol,
                        lambda: glue.requantize_table(shape, terms, low, codes.shape,
                                                      str(codes.dtype), self.target, symbol),
                        [*sources, codes], trace_only=trace_only)
             return
         channels = shape[1] if len(shape) > 1 else 1
-        symbol = f"requantize_{epilogue.tag}_{_shape_tag(shape)}{terms.tag}"
-        self._call(value, symbol,
+        symbol = f"requantize_{epilogue.tag}_{shape_tag(shape)}{terms.tag}"
+        self.call(value, symbol,
                    lambda: glue.requantize(shape, epilogue, channels, self.target, symbol,
                                            terms),
                    [*sources, *extra], trace_only=trace_only)
@@ -219,60 +220,7 @@ class _Builder:
     _plan_linear = _plan_conv
 
     def _plan_layer(self, op, value: str, epilogue: Epilogue, extra: list) -> None:
-        from qcompile.backends.tvm.kernels import bitserial, direct
-
-        fmt = self.graph.values[op.input]
-        weight = op.weight
-        shape_in = self.shapes[op.input]
-        conv = isinstance(op, ir.Conv)
-        if conv and len(weight.shape) != 4:
-            raise NotDeployableError(f"{op.layer}: the TVM backend compiles 2-d convolutions")
-        tag = f"{_shape_tag(shape_in)}_{_shape_tag(weight.shape)}_{epilogue.tag}"
-        if glue_plan.bit_serial(op, self.graph):
-            alpha, beta = weight.affine
-            packed_in, packed_out = op.input in self.packed, value in self.packed
-            out_bits = self.graph.values[value].bits if packed_out else 0
-            layout = ("_pi" if packed_in else "") + (f"_po{out_bits}" if packed_out else "")
-            symbol = f"bitserial_{'conv' if conv else 'dense'}_a{fmt.bits}w{weight.bits}" \
-                     f"x{alpha}m{beta}_{tag}{layout}"
-            if conv:
-                build = lambda: bitserial.conv2d_kernel(  # noqa: E731
-                    shape_in, weight.words.shape, fmt.bits, weight.bits, weight.affine, op.stride,
-                    op.padding, op.dilation, epilogue, self.target, packed_input=packed_in,
-                    packed_output=out_bits or False)
-            else:
-                build = lambda: bitserial.dense_kernel(  # noqa: E731
-                    shape_in, weight.words.shape, fmt.bits, weight.bits, weight.affine, epilogue,
-                    self.target, packed_input=packed_in)
-            self.kernel_kinds[op.layer] = "bit-serial"
-            data = f"{op.input}:packed" if packed_in else op.input
-            words = np.ascontiguousarray(weight.words)
-            if not packed_out:
-                self._call(value, symbol, build, [data, words, *extra])
-                return
-            self._packed(value, out_bits, lambda packed: self._call(
-                packed, symbol, build, [data, words, *extra], bitserial_packed.packed_dtype(
-                    self.target), traced=False))
-            return
-        data = self._materialized(op.input)
-        integers = weight.integers.numpy()
-        dtype = direct.weight_dtype(integers)
-        span = (int(fmt.levels.min()), int(fmt.levels.max()))
-        symbol = f"direct_{'conv' if conv else 'dense'}_{dtype}_{tag}_r{span[0]}_{span[1]}" + (
-            f"_g{op.groups}s{_shape_tag(op.stride)}p{_shape_tag(op.padding)}"
-            f"d{_shape_tag(op.dilation)}" if conv else "")
-        if conv:
-            settings = (op.stride, op.padding, op.dilation, op.groups, self.target, span)
-            stored = direct.pack_conv2d_weight(integers.astype(dtype), shape_in, *settings)
-            build = lambda: direct.conv2d_kernel(  # noqa: E731
-                shape_in, integers.shape, dtype, op.stride, op.padding, op.dilation, op.groups,
-                epilogue, self.target, input_range=span, prepacked=True)
-        else:
-            stored = integers.astype(dtype)
-            build = lambda: direct.dense_kernel(  # noqa: E731
-                shape_in, integers.shape, dtype, epilogue, self.target, input_range=span)
-        self.kernel_kinds[op.layer] = f"direct {dtype}"
-        self._call(value, symbol, build, [data, np.ascontiguousarray(stored), *extra])
+        plan_layer(self, op, value, epilogue, extra)
 
     def _plan_add(self, op: ir.Add) -> None:
         sources, terms = [], Terms(())
@@ -288,7 +236,7 @@ class _Builder:
     def _plan_sumpool(self, op: ir.SumPool) -> None:
         sources, terms = self._integers(op.input)
         if len(sources) > 1:
-            sources, terms = [self._materialized(op.input)], ONE
+            sources, terms = [self.materialized(op.input)], ONE
         shape = self.shapes[sources[0]]
         if op.output_size is None:
             self._fixed_pool(op.name, sources[0], op.kernel, op.stride, op.padding, False, "sum",
@@ -296,9 +244,9 @@ class _Builder:
             return
         windows = [pooling.adaptive_windows(n, o)
                    for n, o in zip(shape[2:], op.output_size, strict=True)]
-        tag = "_".join(_shape_tag((w.count, *w.start, *w.stop)) for w in windows)
-        symbol = f"sumpool_{_shape_tag(shape)}_{tag}{terms.tag}"
-        self._call(op.name, symbol,
+        tag = "_".join(shape_tag((w.count, *w.start, *w.stop)) for w in windows)
+        symbol = f"sumpool_{shape_tag(shape)}_{tag}{terms.tag}"
+        self.call(op.name, symbol,
                    lambda: pooling.window_pool(shape, windows, "sum", self.target, symbol, terms),
                    sources)
 
@@ -329,25 +277,25 @@ class _Builder:
         shape = self.shapes[source]
         counts = tuple(pooling.fixed_windows(n, k, s, p, 1, ceil_mode).count
                        for n, k, s, p in zip(shape[2:], kernel, stride, padding, strict=True))
-        symbol = (f"{mode}pool_{_shape_tag(shape)}_k{_shape_tag(kernel)}s{_shape_tag(stride)}"
-                  f"p{_shape_tag(padding)}o{_shape_tag(counts)}{terms.tag}"
+        symbol = (f"{mode}pool_{shape_tag(shape)}_k{shape_tag(kernel)}s{shape_tag(stride)}"
+                  f"p{shape_tag(padding)}o{shape_tag(counts)}{terms.tag}"
                   f"{'_signed' if sign else ''}")
-        self._call(value, symbol,
+        self.call(value, symbol,
                    lambda: pooling.fixed_pool(shape, kernel, stride, padding, counts, mode,
                                               self.target, symbol, terms, bool(sign)),
                    [source, *(sign or [])])
 
     def _plan_reshape(self, op: ir.Reshape) -> None:
         shape_in, shape_out = self.shapes[op.input], self.shapes[op.name]
-        symbol = f"reshape_{_shape_tag(shape_in)}_to_{_shape_tag(shape_out)}"
-        self._call(op.name, symbol,
+        symbol = f"reshape_{shape_tag(shape_in)}_to_{shape_tag(shape_out)}"
+        self.call(op.name, symbol,
                    lambda: glue.reshape(shape_in, shape_out, self.target, symbol), [op.input])
 
     def _plan_concat(self, op: ir.Concat) -> None:
         shapes = [self.shapes[name] for name in op.inputs]
         dim = op.dim % len(shapes[0])
-        symbol = f"concat{dim}_" + "_".join(_shape_tag(s) for s in shapes)
-        self._call(op.name, symbol, lambda: glue.concat(shapes, dim, self.target, symbol),
+        symbol = f"concat{dim}_" + "_".join(shape_tag(s) for s in shapes)
+        self.call(op.name, symbol, lambda: glue.concat(shapes, dim, self.target, symbol),
                    list(op.inputs))
 
     def _plan_dequantize(self, op: ir.Dequantize) -> None:
@@ -359,8 +307,8 @@ class _Builder:
         else:
             scale, bias = fmt.scale.numpy(), fmt.bias.numpy()
         channels = len(scale)
-        symbol = f"dequantize_{_shape_tag(shape)}_{channels}{terms.tag}"
-        self._call(op.name, symbol,
+        symbol = f"dequantize_{shape_tag(shape)}_{channels}{terms.tag}"
+        self.call(op.name, symbol,
                    lambda: glue.dequantize(shape, channels, op.low, op.high, self.target, symbol,
                                            terms),
                    [*sources, np.ascontiguousarray(scale.astype("float64")),
@@ -393,10 +341,6 @@ def _inputs(op) -> list[str]:
     if hasattr(op, "inputs"):
         return list(op.inputs)
     return [op.input]
-
-
-def _shape_tag(shape) -> str:
-    return "x".join(str(int(s)) for s in shape) if len(shape) else "s"
 
 
 def parameter_bytes(params: list[np.ndarray]) -> int:
