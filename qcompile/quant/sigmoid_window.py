@@ -26,7 +26,8 @@ threshold it read. A scatter-add (``index_put_``, or inductor's atomic adds) sum
 whatever order the threads reach them, which makes two runs of the same step differ in the last
 bits, and a resumed run drift from the uninterrupted one; :class:`GatherThresholds` sums them with
 :func:`threshold_gradient`, one pass in a fixed order (``torch.bincount``, in float64), an
-operator of our own so ``torch.compile`` calls it as it is.
+operator of our own so ``torch.compile`` calls it as it is. That order is fixed on the CPU; on a
+GPU ``bincount`` adds atomically, as most of torch's GPU reductions into shared places do.
 """
 
 import math
