@@ -122,7 +122,7 @@ class _Builder:
         emit(packed)
         symbol = f"unpack_{shape_tag(shape)}_b{bits}"
         self.call(value, symbol, lambda: bitserial_packed.unpack_codes(shape, bits, self.target),
-                   [packed], trace_only=True)
+                  [packed], trace_only=True)
 
     def _integers(self, name: str) -> tuple[list[str], Terms]:
         """The values and terms giving the integers ``name`` stands for: codes with affine
@@ -140,8 +140,8 @@ class _Builder:
         self.shapes[value] = shape
         symbol = f"lookup_{shape_tag(shape)}_{len(fmt.levels)}"
         self.call(value, symbol,
-                   lambda: glue.lookup(shape, len(fmt.levels), self.target, symbol),
-                   [name, np.ascontiguousarray(fmt.levels.numpy().astype("int32"))])
+                  lambda: glue.lookup(shape, len(fmt.levels), self.target, symbol),
+                  [name, np.ascontiguousarray(fmt.levels.numpy().astype("int32"))])
         return [value], ONE
 
     def materialized(self, name: str) -> str:
@@ -158,7 +158,7 @@ class _Builder:
                   trace_only: bool = False) -> None:
         symbol = f"add{len(sources)}_{shape_tag(shape)}{terms.tag}"
         self.call(value, symbol, lambda: glue.add(shape, terms, self.target, symbol), sources,
-                   trace_only=trace_only)
+                  trace_only=trace_only)
 
     def _plan_quantize(self, op: ir.Quantize) -> None:
         spec, shape = op.spec, self.shapes[op.input]
@@ -170,14 +170,14 @@ class _Builder:
                     int(spec.codes[0]), op.low, op.high)
             symbol = f"quantize_{shape_tag(shape)}_{abs(hash(args)) % 10**8}"
             self.call(op.name, symbol,
-                       lambda: glue.quantize_affine(shape, *args, self.target, symbol), [op.input])
+                      lambda: glue.quantize_affine(shape, *args, self.target, symbol), [op.input])
             return
         count = spec.thresholds.shape[-1]
         symbol = f"quantize_t{count}_{shape_tag(shape)}"
         self.call(op.name, symbol,
-                   lambda: glue.quantize_thresholds(shape, count, op.low, op.high, self.target,
-                                                    symbol),
-                   [op.input, np.ascontiguousarray(spec.thresholds.double().reshape(-1).numpy())])
+                  lambda: glue.quantize_thresholds(shape, count, op.low, op.high, self.target,
+                                                   symbol),
+                  [op.input, np.ascontiguousarray(spec.thresholds.double().reshape(-1).numpy())])
 
     def _plan_requantize(self, op: ir.Requantize) -> None:
         epilogue, extra = _epilogue(op)
@@ -203,16 +203,16 @@ class _Builder:
             symbol = (f"requantize_table{shape_tag(codes.shape)}{codes.dtype}_"
                       f"{shape_tag(shape)}{terms.tag}_l{low}").replace("-", "m")
             self.call(value, symbol,
-                       lambda: glue.requantize_table(shape, terms, low, codes.shape,
-                                                     str(codes.dtype), self.target, symbol),
-                       [*sources, codes], trace_only=trace_only)
+                      lambda: glue.requantize_table(shape, terms, low, codes.shape,
+                                                    str(codes.dtype), self.target, symbol),
+                      [*sources, codes], trace_only=trace_only)
             return
         channels = shape[1] if len(shape) > 1 else 1
         symbol = f"requantize_{epilogue.tag}_{shape_tag(shape)}{terms.tag}"
         self.call(value, symbol,
-                   lambda: glue.requantize(shape, epilogue, channels, self.target, symbol,
-                                           terms),
-                   [*sources, *extra], trace_only=trace_only)
+                  lambda: glue.requantize(shape, epilogue, channels, self.target, symbol,
+                                          terms),
+                  [*sources, *extra], trace_only=trace_only)
 
     def _plan_conv(self, op: ir.Conv) -> None:
         self._plan_layer(op, op.name, Epilogue(), [])
@@ -247,8 +247,8 @@ class _Builder:
         tag = "_".join(shape_tag((w.count, *w.start, *w.stop)) for w in windows)
         symbol = f"sumpool_{shape_tag(shape)}_{tag}{terms.tag}"
         self.call(op.name, symbol,
-                   lambda: pooling.window_pool(shape, windows, "sum", self.target, symbol, terms),
-                   sources)
+                  lambda: pooling.window_pool(shape, windows, "sum", self.target, symbol, terms),
+                  sources)
 
     def _plan_maxpool(self, op: ir.MaxPool) -> None:
         if any(d != 1 for d in op.dilation):
@@ -281,22 +281,22 @@ class _Builder:
                   f"p{shape_tag(padding)}o{shape_tag(counts)}{terms.tag}"
                   f"{'_signed' if sign else ''}")
         self.call(value, symbol,
-                   lambda: pooling.fixed_pool(shape, kernel, stride, padding, counts, mode,
-                                              self.target, symbol, terms, bool(sign)),
-                   [source, *(sign or [])])
+                  lambda: pooling.fixed_pool(shape, kernel, stride, padding, counts, mode,
+                                             self.target, symbol, terms, bool(sign)),
+                  [source, *(sign or [])])
 
     def _plan_reshape(self, op: ir.Reshape) -> None:
         shape_in, shape_out = self.shapes[op.input], self.shapes[op.name]
         symbol = f"reshape_{shape_tag(shape_in)}_to_{shape_tag(shape_out)}"
         self.call(op.name, symbol,
-                   lambda: glue.reshape(shape_in, shape_out, self.target, symbol), [op.input])
+                  lambda: glue.reshape(shape_in, shape_out, self.target, symbol), [op.input])
 
     def _plan_concat(self, op: ir.Concat) -> None:
         shapes = [self.shapes[name] for name in op.inputs]
         dim = op.dim % len(shapes[0])
         symbol = f"concat{dim}_" + "_".join(shape_tag(s) for s in shapes)
         self.call(op.name, symbol, lambda: glue.concat(shapes, dim, self.target, symbol),
-                   list(op.inputs))
+                  list(op.inputs))
 
     def _plan_dequantize(self, op: ir.Dequantize) -> None:
         fmt = self.graph.values[op.input]
@@ -309,10 +309,10 @@ class _Builder:
         channels = len(scale)
         symbol = f"dequantize_{shape_tag(shape)}_{channels}{terms.tag}"
         self.call(op.name, symbol,
-                   lambda: glue.dequantize(shape, channels, op.low, op.high, self.target, symbol,
-                                           terms),
-                   [*sources, np.ascontiguousarray(scale.astype("float64")),
-                    np.ascontiguousarray(bias.astype("float64"))], dtype="float32")
+                  lambda: glue.dequantize(shape, channels, op.low, op.high, self.target, symbol,
+                                          terms),
+                  [*sources, np.ascontiguousarray(scale.astype("float64")),
+                   np.ascontiguousarray(bias.astype("float64"))], dtype="float32")
 
     # -- building the Relax module ------------------------------------------------------------
 

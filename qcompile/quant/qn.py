@@ -190,9 +190,8 @@ class QNQuantizer(Quantizer):
         with torch.no_grad():
             spec = self._spec(alpha.detach(), beta.detach(), self.biases.detach())
             value = spec.dequantize(spec.quantize(x)).to(x.dtype)
-        if not torch.is_grad_enabled() or not (x.requires_grad or self.biases.requires_grad
-                                               or self.log_alpha.requires_grad
-                                               or self.log_beta.requires_grad):
+        wanted = x.requires_grad or any(p.requires_grad for p in self.parameters())
+        if not (torch.is_grad_enabled() and wanted):
             return value
         return replace_gradient(value, self.soft(x, alpha, beta))
 
