@@ -1,4 +1,4 @@
-"""Tests of ConvBatchNorm, the layer + batch norm pair that QAT trains with the BN folded in."""
+"""Tests of ConvBatchNorm, the layer + batch norm pair that QAT trains and deploys folded."""
 
 import copy
 
@@ -34,16 +34,16 @@ def pair(request):
     return original, fused, torch.randn(*shape)
 
 
-def running_folded_weight(layer: nn.Module, bn: nn.Module) -> torch.Tensor:
-    """``w * gamma / sqrt(running_var + eps)`` per output channel, computed independently."""
-    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return (layer.weight * factor.reshape(-1, *[1] * (layer.weight.dim() - 1))).detach()
+def fold_factor(bn: nn.Module) -> torch.Tensor:
+    """``gamma / sqrt(running_var + eps)`` per output channel, computed independently."""
+    return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
 
 
-def with_parameters(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+def with_parameters(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+                    ) -> nn.Module:
     plain = copy.deepcopy(layer)
     plain.weight = nn.Parameter(weight.detach())
-    plain.bias = nn.Parameter(bias.detach())
+    plain.bias = None if bias is None else nn.Parameter(bias.detach())
     return plain
 
 
@@ -74,16 +74,20 @@ def test_train_mode_matches_outputs_and_running_statistics(pair):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_the_quantizer_sees_the_folded_weight(pair, training):
+def test_the_quantizer_sees_the_layer_weight_and_the_fold_scales_its_output(pair, training):
     original, fused, x = pair
     fused.weight_quantizer = RecordingRound()
     fused.train(training)
-    folded = running_folded_weight(*original)
     out = fused(x)
-    torch.testing.assert_close(fused.weight_quantizer.seen, folded)
-    if not training:
-        deployed = with_parameters(original[0], torch.round(folded * 4) / 4, fused.folded_bias())
-        torch.testing.assert_close(out, deployed(x))
+    torch.testing.assert_close(fused.weight_quantizer.seen, original[0].weight.detach())
+    quantized = torch.round(original[0].weight * 4) / 4
+    if training:
+        deployed = nn.Sequential(with_parameters(original[0], quantized, original[0].bias),
+                                 copy.deepcopy(original[1])).train()
+    else:
+        factor = fold_factor(original[1]).reshape(-1, *[1] * (quantized.dim() - 1))
+        deployed = with_parameters(original[0], quantized * factor, fused.folded_bias())
+    torch.testing.assert_close(out, deployed(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("quantizer", [nn.Identity, RecordingRound])

@@ -54,6 +54,16 @@ class Distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.tolist()
 
+    def average_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each of ``tensors`` (in place) by its element-wise mean over every process."""
+        if not self.enabled or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).double() for t in tensors]).to(self._collective_device)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            tensor.copy_(part.reshape(tensor.shape))
+
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is True on any of them."""
         if not self.enabled:

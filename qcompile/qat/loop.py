@@ -2,8 +2,9 @@
 
 Each step: the schedules' ``on_step_start``, forward, the loss (cross-entropy, or the
 distillation's), backward, gradient clipping, the optimizer step and the per-step learning-rate
-step. Each epoch ends with the schedules' ``on_epoch_end``, validation, a record in the history
-and the metrics file, and a checkpoint. Checkpoint saving and restoring live in
+step. Each epoch ends with the schedules' ``on_epoch_end``, batch-norm re-estimation
+(:mod:`~qcompile.qat.batchnorm`), validation, a record in the history and the metrics file, and
+a checkpoint. Checkpoint saving and restoring live in
 :class:`~qcompile.qat.session.Session`.
 """
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from qcompile.errors import TrainingInterrupted
 from qcompile.qat import distributed
+from qcompile.qat.batchnorm import reestimate_batch_norms
 from qcompile.qat.interrupt import StopRequests
 from qcompile.qat.loaders import EpochBatches, Source, evaluation_loader, split_batch
 from qcompile.qat.metrics import EpochMeter, History, MetricsLog
@@ -43,6 +45,7 @@ class RunConfig:
     checkpoint: Path | None
     compile: bool = False
     learn_input_quantizers: bool = False
+    bn_examples: int = 1024
 
 
 class Run(Session):
@@ -212,6 +215,9 @@ class Run(Session):
         for schedule in self.schedules:
             for key, value in (schedule.on_epoch_end(state) or {}).items():
                 figures[f"{schedule.name}.{key}" if key in figures else key] = value
+        reestimated = self.reestimate_batch_norms()
+        if reestimated:
+            figures["bn_reestimated"] = reestimated
         val_loss, val_accuracy = self.evaluate() if self.val is not None else (None, None)
         totals = self.meter.totals(self.world.all_reduce_sum)
         record = dict(epoch=state.epoch + 1, step=state.step,
@@ -234,6 +240,16 @@ class Run(Session):
         if self.config.checkpoint is not None:
             self.save()
         self.safe = True
+
+    def reestimate_batch_norms(self) -> int:
+        """Running statistics of the updating batch norms recomputed from the first
+        ``bn_examples`` training examples of this epoch's order (:mod:`.batchnorm`); returns the
+        examples this process used."""
+        examples = -(-self.config.bn_examples // self.world.world_size)
+        batches = (split_batch(batch, self.world.device)[0]
+                   for batch in self.batches.loader(self.state.epoch))
+        return reestimate_batch_norms(self.model, batches, examples,
+                                      self.world.average_ if self.world.enabled else None)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:

@@ -48,6 +48,7 @@ def train(
     device: str | torch.device | None = None,
     compile: bool = False,
     learn_input_quantizers: bool = False,
+    bn_reestimation: int = 1024,
 ) -> History:
     """Train the quantized graph ``qmodel`` in place; return the per-epoch :class:`History`.
 
@@ -78,11 +79,18 @@ def train(
     The quantizers of the model's own inputs keep their calibrated parameters for the run unless
     ``learn_input_quantizers=True`` (:func:`~qcompile.qat.quantizers.\
 freeze_model_input_quantizers` says why); a quantizer the caller froze stays frozen either way.
+
+    Each epoch ends by recomputing the running statistics of the batch norms still updating them
+    from ``bn_reestimation`` training examples (all processes together; 0: keep the moving
+    averages), with the model as validation runs it (:mod:`qcompile.qat.batchnorm` says why).
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
     if grad_clip is not None and grad_clip < 0:
         raise ConfigError(f"grad_clip must be positive (or None to disable), got {grad_clip!r}")
+    if not isinstance(bn_reestimation, int) or bn_reestimation < 0:
+        raise ConfigError(f"bn_reestimation is a number of training examples (0 to keep the "
+                          f"moving averages), got {bn_reestimation!r}")
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs the checkpoint_dir of the run to resume")
     if teacher is not None:
@@ -100,7 +108,8 @@ freeze_model_input_quantizers` says why); a quantizer the caller froze stays fro
     try:
         config = RunConfig(epochs, seed, grad_clip, optim, progress,
                            None if checkpoint_dir is None else checkpoint.checkpoint_path(
-                               checkpoint_dir), compile, learn_input_quantizers)
+                               checkpoint_dir), compile, learn_input_quantizers,
+                           bn_reestimation)
         if schedules is None:
             from qcompile.qat.schedules import default_schedules
 

@@ -13,8 +13,11 @@ Comparisons against the simulated model are of two kinds:
   quantized weight). Where the runtime's last-layer input codes equal the simulated ones, the
   logits then agree to within that LSB; where a code differs (a tie upstream, propagated: deep
   untrained float32 networks amplify ties), the bound adds exactly what the differing inputs can
-  change, ``sum_i |a_rt - a_sim|_i |W_ji|``. The argmax must agree wherever that bound cannot
-  reach across the top-2 margin; the tests of the default run assert 100% agreement outright.
+  change, ``sum_i |a_rt - a_sim|_i |W_ji|``. The argmax must agree on every image whose
+  last-layer input codes all equal the simulated ones, and elsewhere wherever that bound cannot
+  reach across the top-2 margin (a tie at 2 bits in an untrained resnet18 can move an image's
+  argmax: one tie upstream of the last layer is within float32 rounding of a threshold and
+  the runtime's summation order decides it).
 """
 
 import copy
@@ -83,8 +86,7 @@ def last_layer(qm: fx.GraphModule):
     """The last layer's node, its quantized weight and its input quantizer's scale."""
     site = quantizable_layers(qm)[-1]
     with torch.no_grad():
-        weight = site.module.quantized_weight() if hasattr(site.module, "quantized_weight") \
-            else site.module.weight_quantizer(site.module.folded_weight())
+        weight = site.module.quantized_weight()
     reader = qm.get_submodule(site.node.args[0].target)
     scale = float(reader.integer_spec().scale.reshape(-1)[0])
     return site.node, weight.detach(), scale
@@ -130,6 +132,8 @@ def assert_logits_agree(qm: fx.GraphModule, x: torch.Tensor, runtime: dict) -> L
     decided = top[:, 0] - top[:, 1] > 2 * bound.amax(dim=1)
     agree = logits.argmax(1) == expected.argmax(1)
     assert bool(agree[decided].all()), "argmax differs where no tie can explain it"
+    untouched = (drift.flatten(1) == 0).all(dim=1)
+    assert bool(agree[untouched].all()), "argmax differs on an image no tie reached"
     return LogitAgreement(float(agree.float().mean()), float(difference.max()) / lsb,
                           float((drift > 0).float().mean()))
 
