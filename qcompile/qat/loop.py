@@ -62,7 +62,8 @@ class Run(Session):
         self.world = world
         self.batches = EpochBatches(train, config.seed, world.world_size, world.rank)
         self.state = TrainState(self.model, config.epochs, len(self.batches), config.seed,
-                                calib_data=calib_data)
+                                calib_data=calib_data,
+                                reestimate_batch_norms=self.reestimate_batch_norms)
         self.history = History()
         self.meter = EpochMeter()
         self.metrics: MetricsLog | None = None

@@ -16,6 +16,7 @@ the loop rebuilds the optimizer and resets the flag. A resumed run: set ``state.
 then ``on_train_start``.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,9 @@ class TrainState:
     optimizer and learning-rate schedule over the new parameters."""
     batch: int = 0
     """Batches done in the current epoch (where a mid-epoch checkpoint resumes)."""
+    reestimate_batch_norms: Callable[[], int] | None = None
+    """Recomputes the running statistics of the batch norms still updating them from training
+    data (:mod:`qcompile.qat.batchnorm`); set by the training loop."""
 
     @property
     def total_steps(self) -> int:

@@ -8,7 +8,7 @@ from torch import nn
 
 import qcompile
 from qcompile.fused import ConvBatchNorm
-from qcompile.qat import FreezeBatchNorm
+from qcompile.qat import FreezeBatchNorm, Schedule, TrainState
 from qcompile.qat.batchnorm import reestimate_batch_norms, updating_batch_norms
 from qcompile.qat.loaders import EpochBatches, as_source
 from qcompile.quant import Quantizer
@@ -68,7 +68,7 @@ def test_the_rest_of_the_model_runs_as_validation_does_and_keeps_its_modes():
 
 def test_frozen_and_eval_batch_norms_are_left_alone():
     model = quantized_model().train()
-    FreezeBatchNorm(at=0.0).on_step_start(_State(model))
+    FreezeBatchNorm(at=0.0).on_step_start(TrainState(model, epochs=1, steps_per_epoch=1))
     assert updating_batch_norms(model) == []
     before = copy.deepcopy(model.state_dict())
     assert reestimate_batch_norms(model, batches(train_pair()[0], 64), examples=128) == 0
@@ -122,7 +122,25 @@ def test_re_estimation_can_be_switched_off_and_rejects_nonsense():
         qcompile.train(model, train_pair(64), epochs=1, bn_reestimation=-1, progress=False)
 
 
-class _State:
-    def __init__(self, model):
-        self.model = model
-        self.progress = 1.0
+def test_freezing_freezes_statistics_re_estimated_at_that_step():
+    model = quantized_model(bits=2).train()
+    checked = []
+
+    class Check(Schedule):
+        def on_step_start(self, state):
+            if checked or not any(m.statistics_frozen for m in fused_layers(state.model)):
+                return
+            expected = copy.deepcopy(state.model)
+            for module in fused_layers(expected):
+                module.statistics_frozen = False
+            loader = EpochBatches(as_source(train_pair(), 32), seed=0).loader(state.epoch)
+            reestimate_batch_norms(expected, (b[0] for b in loader), examples=96)
+            for got, want in zip(fused_layers(state.model), fused_layers(expected), strict=True):
+                torch.testing.assert_close(got.bn.running_mean, want.bn.running_mean)
+                torch.testing.assert_close(got.bn.running_var, want.bn.running_var)
+            checked.append(state.step)
+
+    qcompile.train(model, train_pair(), epochs=2, lr=0.01, batch_size=32, progress=False,
+                   schedules=[FreezeBatchNorm(at=0.5), Check()], bn_reestimation=96)
+    assert checked == [8]  # 8 steps an epoch: frozen at the second epoch's first step
+
