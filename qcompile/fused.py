@@ -1,24 +1,31 @@
 """A layer and the batch norm after it, trained with the quantized weight and deployed folded.
 
-The weight quantizer sees the layer's own weight ``w``, not the folded ``w * gamma / sigma``
-(``sigma = sqrt(running_var + eps)``). :class:`ConvBatchNorm` keeps the float layer and the batch
-norm with live statistics:
+The weight quantizer sees the layer's weight normalized per output channel, ``w / n`` with ``n``
+the channel's root mean square relative to what it was when the module was built (so ``w / n``
+keeps the float model's scale, which initializations such as DoReFa's ``tanh`` assume), not the
+folded ``w * gamma / sigma`` (``sigma =
+sqrt(running_var + eps)``). :class:`ConvBatchNorm` keeps the float layer and the batch norm with
+live statistics:
 
-- training: ``bn(layer(x, q(w)) + b)``, the batch norm normalising with batch statistics and
-  updating its running statistics exactly as the unfused pair would;
-- eval, or after :meth:`ConvBatchNorm.freeze_statistics`: ``layer(x, q(w)) * f + b_fold`` with
-  ``f = gamma / sigma`` per output channel, which is what the deployed layer computes: the
-  integer weight is ``q(w)``'s codes and ``f`` joins its per-channel scale. (``f`` multiplies
-  the output, not the weight: ``q(w) * f`` in float32 is off its grid by a rounding per weight,
-  and the sums it gives stray from the integer program's at more than rounding ties.)
+- training: ``bn(layer(x, q(w / n) * n) + b)``, the batch norm normalising with batch statistics
+  and updating its running statistics exactly as the unfused pair would;
+- eval, or after :meth:`ConvBatchNorm.freeze_statistics`: ``layer(x, q(w / n)) * f + b_fold``
+  with ``f = n * gamma / sigma`` per output channel, which is what the deployed layer computes:
+  the integer weight is the codes of ``q(w / n)`` and ``f`` joins its per-channel scale. (``f``
+  multiplies the output, not the weight: ``q(w / n) * f`` in float32 is off its grid by a
+  rounding per weight, and the sums it gives stray from the integer program's at more than
+  rounding ties.)
 
-Quantizing the folded weight instead (Jacob et al. 2018, sec. 3.2) makes the weight's codes a
-function of the running variance: at 2-4 bits a shift of the running statistics flips codes, the
-batch statistics then jump and the moving average lags behind them, and validation accuracy
-swings by tens of points from one epoch to the next (measured on mnist5k, QIL and LSQ at W2A2,
-benchmarks/RESULTS.md). With ``q(w)`` the codes do not depend on the statistics, which the
-training loop re-estimates before each validation (:mod:`qcompile.qat.batchnorm`; Nagel et al.
-2022, "Overcoming Oscillations in Quantization-Aware Training", batch-norm re-estimation).
+Why not the folded weight (Jacob et al. 2018, sec. 3.2): its codes are a function of the running
+variance. At 2-4 bits a shift of the running statistics flips codes, the batch statistics then
+jump and the moving average lags behind them, and validation accuracy swings by tens of points
+from one epoch to the next (QIL and LSQ at W2A2 on mnist5k, benchmarks/RESULTS.md); re-estimating
+the statistics moves the codes again. Why not the bare ``w``: the batch norm makes the loss blind
+to each channel's scale, which then drifts (QIL's weights shrank 7-fold in 125 steps against an
+interval that stayed put, most codes went to zero, and W2A2 ended 1.2 points lower). ``w / n``
+has neither problem: its codes depend on neither the statistics nor the scale, and the training
+loop re-estimates the statistics before each validation (:mod:`qcompile.qat.batchnorm`; Nagel et
+al. 2022, "Overcoming Oscillations in Quantization-Aware Training").
 """
 
 import copy
@@ -36,13 +43,22 @@ FOLDABLE_PAIRS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
 )
 """Layer types and the batch-norm type that may follow each of them."""
 
+TINY = 1e-12
+"""Floor of a norm that divides (a channel whose weights are all zero)."""
+
+
+def _root_mean_square(weight: torch.Tensor) -> torch.Tensor:
+    """Per output channel (dimension 0), the root mean square of ``weight``."""
+    return weight.pow(2).mean(dim=tuple(range(1, weight.dim()))).sqrt()
+
 
 @register_leaf_type
 class ConvBatchNorm(nn.Module):
     """A Conv1d, Conv2d (any groups) or Linear followed by its BatchNorm, trained quantized.
 
-    ``weight_quantizer`` (the identity until quantizers are inserted) sees the layer's weight;
-    the running statistics and ``gamma`` fold into the output as a per-channel factor.
+    ``weight_quantizer`` (the identity until quantizers are inserted) sees the layer's weight
+    normalized per output channel to its scale at construction; that norm, ``gamma`` and the running statistics fold into the
+    output as a per-channel factor.
     """
 
     def __init__(self, layer: nn.Module, bn: nn.BatchNorm1d | nn.BatchNorm2d):
@@ -50,6 +66,7 @@ class ConvBatchNorm(nn.Module):
         self.layer = layer
         self.bn = bn
         self.weight_quantizer: nn.Module = nn.Identity()
+        self.register_buffer("reference_norm", _root_mean_square(layer.weight).detach().clone())
         self.statistics_frozen = False
         self.train(bn.training)
 
@@ -62,25 +79,42 @@ class ConvBatchNorm(nn.Module):
         """Stop updating the running statistics and train with the folded form from now on."""
         self.statistics_frozen = True
 
-    def fold_factor(self) -> torch.Tensor:
+    def weight_norm(self) -> torch.Tensor:
+        """Per output channel ``n``: the root mean square of the layer's weight relative to its
+        value when this module was built (1 until training changes the weight's scale)."""
+        return (_root_mean_square(self.layer.weight)
+                / self.reference_norm.clamp_min(TINY)).clamp_min(TINY)
+
+    def normalized_weight(self) -> torch.Tensor:
+        """``w / n``: what the weight quantizer sees."""
+        weight = self.layer.weight
+        return weight / self.weight_norm().reshape(-1, *[1] * (weight.dim() - 1))
+
+    def bn_factor(self) -> torch.Tensor:
         """Per output channel ``gamma / sqrt(running_var + eps)``."""
         gamma = self.bn.weight if self.bn.weight is not None else 1.0
         return gamma * torch.rsqrt(self.bn.running_var + self.bn.eps)
 
+    def fold_factor(self) -> torch.Tensor:
+        """Per output channel ``n * gamma / sqrt(running_var + eps)``: what multiplies the
+        quantized normalized weight in the deployed layer."""
+        return self.weight_norm() * self.bn_factor()
+
     def quantized_weight(self) -> torch.Tensor:
-        """The weight the deployed layer computes with: ``q(w) * fold_factor()``."""
-        weight = self.weight_quantizer(self.layer.weight)
+        """The weight the deployed layer computes with: ``q(w / n) * fold_factor()``."""
+        weight = self.weight_quantizer(self.normalized_weight())
         return weight * self.fold_factor().reshape(-1, *[1] * (weight.dim() - 1))
 
     def folded_bias(self) -> torch.Tensor:
         bias = self.layer.bias if self.layer.bias is not None else 0.0
         beta = self.bn.bias if self.bn.bias is not None else 0.0
-        return beta + (bias - self.bn.running_mean) * self.fold_factor()
+        return beta + (bias - self.bn.running_mean) * self.bn_factor()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_quantizer(self.layer.weight)
+        weight = self.weight_quantizer(self.normalized_weight())
         if self.updates_statistics:
-            return self.bn(self._layer(x, weight, self.layer.bias))
+            norm = self.weight_norm().reshape(-1, *[1] * (weight.dim() - 1))
+            return self.bn(self._layer(x, weight * norm, self.layer.bias))
         y = self._layer(x, weight, None)
         return y * self._per_channel(self.fold_factor(), y) + self._per_channel(
             self.folded_bias(), y)

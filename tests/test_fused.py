@@ -74,18 +74,25 @@ def test_train_mode_matches_outputs_and_running_statistics(pair):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_the_quantizer_sees_the_layer_weight_and_the_fold_scales_its_output(pair, training):
+def test_the_quantizer_sees_the_normalized_weight_and_the_rest_scales_the_output(pair, training):
     original, fused, x = pair
     fused.weight_quantizer = RecordingRound()
     fused.train(training)
+    weight = original[0].weight.detach()
+    with torch.no_grad():  # the weight's scale changes after the module was built
+        fused.layer.weight.mul_(torch.linspace(0.5, 2.0, len(weight)).reshape(
+            -1, *[1] * (weight.dim() - 1)))
     out = fused(x)
-    torch.testing.assert_close(fused.weight_quantizer.seen, original[0].weight.detach())
-    quantized = torch.round(original[0].weight * 4) / 4
+    norm = (fused.layer.weight.detach().pow(2).flatten(1).mean(dim=1)
+            / weight.pow(2).flatten(1).mean(dim=1)).sqrt().reshape(-1, *[1] * (weight.dim() - 1))
+    weight = fused.layer.weight.detach()
+    torch.testing.assert_close(fused.weight_quantizer.seen, weight / norm)
+    quantized = torch.round(weight / norm * 4) / 4
     if training:
-        deployed = nn.Sequential(with_parameters(original[0], quantized, original[0].bias),
+        deployed = nn.Sequential(with_parameters(original[0], quantized * norm, original[0].bias),
                                  copy.deepcopy(original[1])).train()
     else:
-        factor = fold_factor(original[1]).reshape(-1, *[1] * (quantized.dim() - 1))
+        factor = fold_factor(original[1]).reshape(-1, *[1] * (weight.dim() - 1)) * norm
         deployed = with_parameters(original[0], quantized * factor, fused.folded_bias())
     torch.testing.assert_close(out, deployed(x), rtol=1e-4, atol=1e-5)
 

@@ -26,15 +26,18 @@ BITS = [2, 4, 8]
 
 def assert_faithful(qm, x, dtype=torch.float64, min_match=0.9999):
     """In float64 (the precision integerize takes the model at) every difference must be a
-    rounding tie of an activation; in float32 a weight can also sit on a rounding tie (its code
-    then differs between the float32 model and the float64 one), so only the size and number
-    of differences are bounded."""
+    rounding tie of an activation, at most 1 LSB; in float32 the model's own roundings (of a
+    weight on a rounding tie, of a scale) can decide a tie the other way, so only the number of
+    differences is bounded, and their size where they start: a code that differs by one step
+    moves the next layers' inputs by more than rounding, so their codes can differ by more."""
     integer_graph = qcompile.integerize(qm)
     report = qcompile.verify(qm, integer_graph, x, dtype=dtype)
     assert report.layers, "no integer activations compared"
     if dtype == torch.float64:
         assert report.unexplained == 0, report.format()
-    assert report.max_lsb <= 1, report.format()
+        assert report.max_lsb <= 1, report.format()
+    first = next((layer for layer in report.layers if layer.matched < layer.elements), None)
+    assert first is None or first.max_lsb <= 1, report.format()
     assert report.min_match_fraction >= min_match, report.format()
     assert report.argmax_agreement == 1.0, report.format()
     return integer_graph, report
@@ -89,9 +92,12 @@ def test_small_cnn_after_qat_every_other_method(method):
 
 
 def test_integer_layers_hold_only_integers_and_match_float_layers():
-    """The accumulator times its scale plus bias is the simulated layer's float output."""
+    """The accumulator times its scale plus bias is the simulated layer's float output (in
+    float64, the precision integerize takes the model at: in float32 a rounding tie decided the
+    other way upstream changes a layer's input)."""
     qm, x = quantized("small", "lsq", 4)
     integer_graph = qcompile.integerize(qm)
+    qm, x = qm.double(), x.double()
     values = integer_graph.integer_activations(x)
     simulated = {}
     hooks = [qm.get_submodule(op.layer).register_forward_hook(
@@ -110,7 +116,7 @@ def test_integer_layers_hold_only_integers_and_match_float_layers():
         acc = integer_graph.values[op.name]
         shape = [1, -1] + [1] * (v.dim() - 2)
         y = v.double() * acc.scale.reshape(shape) + acc.bias.reshape(shape)
-        torch.testing.assert_close(y.float(), simulated[op.name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(y, simulated[op.name], rtol=1e-9, atol=1e-9)
 
 
 def test_requantization_uses_fixed_point_where_exact():

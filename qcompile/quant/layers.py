@@ -32,6 +32,8 @@ class LayerSite:
 def float_weight(module: nn.Module) -> torch.Tensor:
     """The float weight a weight quantizer sees: the layer's own, also in a fused conv-BN (whose
     batch norm folds into the per-channel scale, :func:`fold_factor`)."""
+    if isinstance(module, ConvBatchNorm):
+        return module.normalized_weight()
     return getattr(module, "layer", module).weight
 
 

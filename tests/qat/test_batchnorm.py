@@ -28,7 +28,7 @@ def test_statistics_are_the_average_of_the_batch_statistics_of_the_quantized_lay
     fused = ConvBatchNorm(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6))
     fused.weight_quantizer = qcompile.quant.make_quantizer("lsq", "weight", 2, signed=True,
                                                            per_channel=True, channels=6)
-    fused.weight_quantizer.initialize(fused.layer.weight.detach())
+    fused.weight_quantizer.initialize(fused.normalized_weight().detach())
     model = nn.Sequential(fused, nn.ReLU()).train()
     with torch.no_grad():
         fused.bn.running_mean.fill_(7.0)
@@ -37,7 +37,8 @@ def test_statistics_are_the_average_of_the_batch_statistics_of_the_quantized_lay
     used = reestimate_batch_norms(model, batches(x, 32), examples=64)
     assert used == 64
     with torch.no_grad():
-        weight = fused.weight_quantizer.eval()(fused.layer.weight)
+        norm = fused.weight_norm().reshape(-1, 1, 1, 1)
+        weight = fused.weight_quantizer.eval()(fused.layer.weight / norm) * norm
         outputs = [nn.functional.conv2d(b, weight, fused.layer.bias, padding=1)
                    for b in batches(x[:64], 32)]
     means = torch.stack([o.mean(dim=(0, 2, 3)) for o in outputs]).mean(0)

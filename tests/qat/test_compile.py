@@ -75,7 +75,7 @@ def test_a_compiled_fused_batch_norm_differentiates_as_eager():
     fused.bn.running_var.uniform_(0.5, 2.0)
     fused.weight_quantizer = make_quantizer("lsq", "weight", 2, signed=True, per_channel=True,
                                             channels=8)
-    fused.weight_quantizer.initialize(fused.layer.weight.detach())
+    fused.weight_quantizer.initialize(fused.normalized_weight().detach())
     x = torch.relu(torch.randn(16, 4, 10, 10))
     projection = torch.randn(16, 8, 10, 10)
     start = {k: v.clone() for k, v in fused.state_dict().items()}
