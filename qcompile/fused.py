@@ -1,11 +1,11 @@
 """A layer and the batch norm after it, trained with the quantized weight and deployed folded.
 
-The weight quantizer sees the layer's weight normalized per output channel, ``w / n`` with ``n``
-the channel's root mean square relative to what it was when the module was built (so ``w / n``
-keeps the float model's scale, which initializations such as DoReFa's ``tanh`` assume), not the
-folded ``w * gamma / sigma`` (``sigma =
-sqrt(running_var + eps)``). :class:`ConvBatchNorm` keeps the float layer and the batch norm with
-live statistics:
+The weight quantizer sees the layer's weight normalized per output channel, ``w / n``, with ``n``
+the channel's root mean square relative to that of the folded weight ``w * |gamma| / sigma`` when
+the module was built (``sigma = sqrt(running_var + eps)``): ``w / n`` has, and keeps, the scale
+the folded weight had, the scale the methods' initializations and learning rates were tuned at,
+but is not the folded weight. :class:`ConvBatchNorm` keeps the float layer and the batch norm
+with live statistics:
 
 - training: ``bn(layer(x, q(w / n) * n) + b)``, the batch norm normalising with batch statistics
   and updating its running statistics exactly as the unfused pair would;
@@ -57,7 +57,7 @@ class ConvBatchNorm(nn.Module):
     """A Conv1d, Conv2d (any groups) or Linear followed by its BatchNorm, trained quantized.
 
     ``weight_quantizer`` (the identity until quantizers are inserted) sees the layer's weight
-    normalized per output channel to its scale at construction; that norm, ``gamma`` and the running statistics fold into the
+    normalized per output channel to the folded weight's scale at construction; that norm, ``gamma`` and the running statistics fold into the
     output as a per-channel factor.
     """
 
@@ -66,7 +66,10 @@ class ConvBatchNorm(nn.Module):
         self.layer = layer
         self.bn = bn
         self.weight_quantizer: nn.Module = nn.Identity()
-        self.register_buffer("reference_norm", _root_mean_square(layer.weight).detach().clone())
+        with torch.no_grad():
+            folded = layer.weight * self.bn_factor().abs().reshape(
+                -1, *[1] * (layer.weight.dim() - 1))
+            self.register_buffer("reference_norm", _root_mean_square(folded).clone())
         self.statistics_frozen = False
         self.train(bn.training)
 
@@ -80,8 +83,9 @@ class ConvBatchNorm(nn.Module):
         self.statistics_frozen = True
 
     def weight_norm(self) -> torch.Tensor:
-        """Per output channel ``n``: the root mean square of the layer's weight relative to its
-        value when this module was built (1 until training changes the weight's scale)."""
+        """Per output channel ``n``: the root mean square of the layer's weight relative to
+        that of the folded weight when this module was built, so that ``w / n`` starts out as
+        large as the folded weight and stays so."""
         return (_root_mean_square(self.layer.weight)
                 / self.reference_norm.clamp_min(TINY)).clamp_min(TINY)
 

@@ -83,8 +83,10 @@ def test_the_quantizer_sees_the_normalized_weight_and_the_rest_scales_the_output
         fused.layer.weight.mul_(torch.linspace(0.5, 2.0, len(weight)).reshape(
             -1, *[1] * (weight.dim() - 1)))
     out = fused(x)
+    shape = [-1, *[1] * (weight.dim() - 1)]
+    folded = weight * fold_factor(original[1]).abs().reshape(shape)  # as the module was built
     norm = (fused.layer.weight.detach().pow(2).flatten(1).mean(dim=1)
-            / weight.pow(2).flatten(1).mean(dim=1)).sqrt().reshape(-1, *[1] * (weight.dim() - 1))
+            / folded.pow(2).flatten(1).mean(dim=1)).sqrt().reshape(shape)
     weight = fused.layer.weight.detach()
     torch.testing.assert_close(fused.weight_quantizer.seen, weight / norm)
     quantized = torch.round(weight / norm * 4) / 4
