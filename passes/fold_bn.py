@@ -5,9 +5,8 @@ Matches a ``call_module`` BatchNorm1d/2d node whose only input is the output of 
 layer's weight and bias from the running statistics (``torch.nn.utils.fusion``, in float64) and
 erases the BN node, so the eval-mode model computes the same function with one layer fewer.
 ``mode=qat`` puts a :class:`~qcompile.fused.ConvBatchNorm` in the layer's place instead, which
-trains with batch statistics, quantizes the layer's own weight and folds ``gamma / sigma`` into
-its per-channel scale when deployed (the module says why not the folded weight). A BN left in
-place gets a note saying why; the pass also notes how many it folded.
+trains with batch statistics and quantizes the folded weight (Jacob et al. 2018, sec. 3.2). A BN
+left in place gets a note saying why; the pass also notes how many it folded.
 """
 
 import torch

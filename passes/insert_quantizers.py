@@ -2,8 +2,8 @@
 
 Matches each call of a Conv1d/Conv2d (depthwise included) or Linear, plain or fused with its
 batch norm by ``fold-bn{mode=qat}``. A plain layer becomes a :class:`QuantizedLayer` holding a
-weight quantizer; a fused conv-BN gets its ``weight_quantizer`` set, which quantizes the layer's
-own weight (the batch norm folds into the per-channel scale, :mod:`qcompile.fused`). Each layer's input gets an activation quantizer node, shared by every layer that
+weight quantizer; a fused conv-BN gets its ``weight_quantizer`` set, so the folded weight is what
+is quantized. Each layer's input gets an activation quantizer node, shared by every layer that
 reads the same tensor at the same bit-width. Bits come from ``node.meta["quant"]`` as written by
 ``assign-bits`` (else the uniform policy: ``bits``, first and last layer ``first_last_bits``);
 ``method`` and ``per_channel`` come from the pipeline configuration.

@@ -4,8 +4,7 @@ The integer program computes, exactly, what the simulated model computes in hard
 quantizer at its integer meaning, batch norm folded, eval mode). It is built backwards from each
 quantizer: a quantizer's codes are a function of the nearest integer *source* above it,
 
-- a layer (conv, linear, fused conv-BN): ``V = sum(w * a)``, meaning ``V * s_a * s_w[c] + bias[c]``
-  (for a fused conv-BN ``s_w[c]`` includes the fold factor ``gamma / sigma``, negative or 0 too);
+- a layer (conv, linear, fused conv-BN): ``V = sum(w * a)``, meaning ``V * s_a * s_w[c] + bias[c]``;
 - a residual ``add`` of codes of one shared quantizer (``quantize-boundaries`` puts one there):
   the sum of their integers, meaning ``V * s``;
 - an average pool of codes: the window sums, meaning ``V * s / window``;
@@ -32,7 +31,7 @@ from qcompile.errors import IntegerizeError
 from qcompile.fused import ConvBatchNorm
 from qcompile.packing import pack_bits
 from qcompile.quant.base import IntegerSpec, Quantizer
-from qcompile.quant.layers import base_layer, float_weight, fold_factor, is_quantizable
+from qcompile.quant.layers import base_layer, float_weight, is_quantizable
 from qcompile.requantization import decision_thresholds, fixed_point, staircase
 
 CLAMPS = {nn.ReLU: (0.0, math.inf), nn.ReLU6: (0.0, 6.0)}
@@ -256,8 +255,7 @@ class _Lowering:
                                   "(stochastic precision?): switch every quantizer on first")
         codes = self._operand_codes(node, node.args[0], "layer")
         fmt = self.values[codes]
-        weight = _packed_weight(quantizer, float_weight(module).detach(), fold_factor(module),
-                                str(node.target))
+        weight = _packed_weight(quantizer, float_weight(module).detach(), str(node.target))
         bias = _bias(module, weight.shape[0])
         bound = _bound(weight, fmt.peak)
         if isinstance(layer, nn.Linear):
@@ -342,10 +340,7 @@ def _integer_levels(codes: torch.Tensor, zero_point: torch.Tensor) -> tuple[torc
     raise IntegerizeError(f"zero point {zero_point.tolist()} is not a multiple of 1/2")
 
 
-def _packed_weight(quantizer: Quantizer, weight: torch.Tensor, factor: torch.Tensor | None,
-                   layer: str) -> ir.PackedWeight:
-    """``weight``'s codes, packed, with their integer levels and per-channel scale; a fused
-    conv-BN's fold ``factor`` (which may be negative or 0) multiplies the scale."""
+def _packed_weight(quantizer: Quantizer, weight: torch.Tensor, layer: str) -> ir.PackedWeight:
     spec = quantizer.integer_spec()
     channels = weight.shape[0]
     codes = spec.quantize(weight)
@@ -359,8 +354,6 @@ def _packed_weight(quantizer: Quantizer, weight: torch.Tensor, factor: torch.Ten
         zero_point = spec.zero_point.reshape(-1).expand(channels)
         levels, divisor = _integer_levels(spec.codes, zero_point)
         scale = spec.scale.double().reshape(-1).expand(channels) / divisor
-    if factor is not None:
-        scale = scale * factor.detach().double().reshape(-1)
     words = pack_bits(index, spec.bits, axis=1)
     return ir.PackedWeight(spec.bits, tuple(weight.shape), words, levels.contiguous().clone(),
                            scale.contiguous().clone())

@@ -1,10 +1,9 @@
 """Quantized conv and linear layers as ONNX ``Conv``, ``Gemm`` or ``MatMul``.
 
 The weight is what the layer computes with in eval mode: the weight quantizer applied to the
-float weight, written by the format's emitter (an integer initializer and DequantizeLinear, or a
-float initializer and a QONNX ``Quant``). A fused conv-BN's fold factor ``gamma / sigma`` (which
-may be negative) is a per-channel ``Mul`` after the layer rather than part of the weight's
-scale, so that every scale the emitters write stays positive. The bias stays float (the folded batch-norm bias of a fused conv-BN): quantizing it to int32 at the
+float weight (the batch-norm-folded weight of a fused conv-BN), written by the format's emitter
+(an integer initializer and DequantizeLinear, or a float initializer and a QONNX ``Quant``). The
+bias stays float (the folded batch-norm bias of a fused conv-BN): quantizing it to int32 at the
 accumulator's scale would move the output of the simulated model, which adds it in float. It is
 a separate ``Add`` after the layer, not the layer's third input: onnxruntime's default
 optimizations (``WeightBiasQuantization``) round a Conv's or Gemm's float bias to int32 when its
@@ -18,7 +17,7 @@ from qcompile.backends.onnx.builder import OnnxExportError, OnnxGraph
 from qcompile.backends.onnx.meaning import weight_integers
 from qcompile.fused import ConvBatchNorm
 from qcompile.quant.base import Quantizer
-from qcompile.quant.layers import base_layer, float_weight, fold_factor
+from qcompile.quant.layers import base_layer, float_weight
 
 
 def layer_op(graph: OnnxGraph, emitter, node: fx.Node, module: nn.Module, x: str,
@@ -35,30 +34,19 @@ def layer_op(graph: OnnxGraph, emitter, node: fx.Node, module: nn.Module, x: str
     else:
         w = graph.constant(f"{name}.weight", weight.float().numpy())
         record = {"weight_bits": None, "method": None, "container": "FLOAT"}
-    factor = fold_factor(module)
     bias = module.folded_bias() if isinstance(module, ConvBatchNorm) else layer.bias
     linear = isinstance(layer, nn.Linear)
-    output = node.name if bias is None and factor is None else f"{node.name}.product"
+    output = node.name if bias is None else f"{node.name}.product"
     if linear:
         product = _linear(graph, output, [x, w], rank)
     else:
         product = _conv(graph, node, output, layer, [x, w])
-    if factor is not None:
-        scaled = node.name if bias is None else f"{node.name}.scaled"
-        product = graph.node("Mul", [product, _channel_constant(graph, f"{name}.fold", factor,
-                                                                layer, linear)], scaled)
     if bias is None:
         return product, record
-    bias = _channel_constant(graph, f"{name}.bias", bias, layer, linear)
-    return graph.node("Add", [product, bias], node.name), record
-
-
-def _channel_constant(graph: OnnxGraph, name: str, values, layer: nn.Module, linear: bool) -> str:
-    """Per-output-channel ``values`` as a constant broadcasting over the layer's output."""
-    values = values.detach().float().numpy()
+    values = bias.detach().float().numpy()
     if not linear:
         values = values.reshape(-1, *[1] * len(layer.kernel_size))
-    return graph.constant(name, values)
+    return graph.node("Add", [product, graph.constant(f"{name}.bias", values)], node.name), record
 
 
 def _linear(graph: OnnxGraph, output: str, inputs: list[str], rank: int) -> str:

@@ -5,9 +5,14 @@ jump, and the running statistics (an exponential moving average) trail behind: a
 with them swings by tens of points of accuracy from one epoch to the next while the same weights
 evaluated with batch statistics hold steady (mnist5k, QIL and LSQ at W2A2, benchmarks/RESULTS.md).
 Nagel et al. ("Overcoming Oscillations in Quantization-Aware Training", ICML 2022) re-estimate
-the statistics from training data with the final weights. The training loop does so at the end
-of every epoch, before validation and the checkpoint, so that what is validated, saved and
-returned carries statistics of its own weights.
+the statistics from training data with the final weights. With ``train(bn_reestimation=N)`` the
+training loop does so at the end of every epoch, before validation and the checkpoint, so that
+what is validated, saved and returned carries statistics of its own weights.
+
+Off by default: a fused conv-BN (:mod:`qcompile.fused`) quantizes the folded weight, whose codes
+follow the running variance, so re-estimating the statistics moves the codes too; on mnist5k
+(QIL W2A2) that made the per-epoch accuracy worse, not steadier. Quantizing a weight that does
+not depend on the statistics made it steady but ended lower at W2A2 (benchmarks/RESULTS.md).
 
 Which batch norms: those updating their statistics (a fused conv-BN not frozen, another batch
 norm in training mode); after :class:`~qcompile.qat.schedules.FreezeBatchNorm` has frozen them
@@ -33,7 +38,8 @@ def updating_batch_norms(model: nn.Module) -> list[tuple[nn.Module, _BatchNorm]]
     owner is the module whose mode decides it (the fused conv-BN, or the batch norm itself)."""
     fused = [m for m in model.modules() if isinstance(m, ConvBatchNorm)]
     inside = {id(m.bn) for m in fused}
-    norms = [(m, m.bn) for m in fused if m.updates_statistics and m.bn.track_running_stats]
+    norms = [(m, m.bn) for m in fused
+             if m.training and not m.statistics_frozen and m.bn.track_running_stats]
     norms += [(m, m) for m in model.modules()
               if isinstance(m, _BatchNorm) and id(m) not in inside and m.training
               and m.track_running_stats]

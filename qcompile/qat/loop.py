@@ -45,7 +45,7 @@ class RunConfig:
     checkpoint: Path | None
     compile: bool = False
     learn_input_quantizers: bool = False
-    bn_examples: int = 1024
+    bn_examples: int = 0
 
 
 class Run(Session):
@@ -63,7 +63,8 @@ class Run(Session):
         self.batches = EpochBatches(train, config.seed, world.world_size, world.rank)
         self.state = TrainState(self.model, config.epochs, len(self.batches), config.seed,
                                 calib_data=calib_data,
-                                reestimate_batch_norms=self.reestimate_batch_norms)
+                                reestimate_batch_norms=self.reestimate_batch_norms
+                                if config.bn_examples else None)
         self.history = History()
         self.meter = EpochMeter()
         self.metrics: MetricsLog | None = None

@@ -161,11 +161,9 @@ class FreezeBatchNorm(Schedule):
 
     Krishnamoorthi ("Quantizing deep convolutional networks for efficient inference", 2018,
     sec. 3.2) freezes the batch-norm statistics late in quantization-aware training, so the last
-    steps train the folded weights the deployed model uses. The statistics frozen are first
-    re-estimated for the current weights (:mod:`qcompile.qat.batchnorm`) rather than taken from
-    the moving averages of the last steps. Not a default schedule: on mnist5k it helped PACT at
-    W2A2 (96.3% frozen at 80%, 95.3% never frozen) and hurt QIL at W4A4 (96.8% never frozen;
-    94.8% frozen with the moving averages, 23% frozen with re-estimated statistics). Every
+    steps train the folded weights the deployed model uses. When the run re-estimates batch-norm
+    statistics (``train(bn_reestimation=N)``), the statistics frozen are first re-estimated for
+    the current weights rather than taken from the moving averages of the last steps. Every
     :class:`~qcompile.fused.ConvBatchNorm` gets
     :meth:`~qcompile.fused.ConvBatchNorm.freeze_statistics` (it then trains with the folded form
     and running statistics); every other batch norm is put in eval mode before each step, since
@@ -209,13 +207,10 @@ class FreezeBatchNorm(Schedule):
 
 def default_schedules(gm: nn.Module) -> list[Schedule]:
     """What a run gets unless told otherwise: temperature annealing when a quantizer has a
-    temperature (Quantization Networks).
-
-    Batch-norm freezing is not a default: the training loop re-estimates the statistics at each
-    epoch end, which gives validation and the final model statistics of their own weights, and
-    freezing for the last 20% of training cost QIL at W4A4 on mnist5k 2 points (94.8% against
-    96.8% unfrozen, benchmarks/RESULTS.md)."""
+    temperature (Quantization Networks), batch-norm freezing when batch norm is fused for QAT."""
     schedules: list[Schedule] = []
     if annealable_quantizers(gm):
         schedules.append(TemperatureAnnealing())
+    if any(isinstance(module, ConvBatchNorm) for module in gm.modules()):
+        schedules.append(FreezeBatchNorm())
     return schedules

@@ -48,7 +48,7 @@ def train(
     device: str | torch.device | None = None,
     compile: bool = False,
     learn_input_quantizers: bool = False,
-    bn_reestimation: int = 1024,
+    bn_reestimation: int = 0,
 ) -> History:
     """Train the quantized graph ``qmodel`` in place; return the per-epoch :class:`History`.
 
@@ -80,9 +80,11 @@ def train(
     ``learn_input_quantizers=True`` (:func:`~qcompile.qat.quantizers.\
 freeze_model_input_quantizers` says why); a quantizer the caller froze stays frozen either way.
 
-    Each epoch ends by recomputing the running statistics of the batch norms still updating them
-    from ``bn_reestimation`` training examples (all processes together; 0: keep the moving
-    averages), with the model as validation runs it (:mod:`qcompile.qat.batchnorm` says why).
+    With ``bn_reestimation=N`` each epoch ends by recomputing the running statistics of the batch
+    norms still updating them from ``N`` training examples (all processes together), with the
+    model as validation runs it (:mod:`qcompile.qat.batchnorm`); the default 0 keeps the moving
+    averages (re-estimating moves a fused conv-BN's weight codes, which follow the running
+    variance: measured worse on mnist5k, benchmarks/RESULTS.md).
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")

@@ -15,8 +15,8 @@ bit for bit; the gradient follows the paper's smooth expression (straight throug
 Zero sits exactly on the middle threshold and maps to the positive level ``1/n``.
 
 One deliberate change for k >= 2: the paper's levels lie in [-1, 1] whatever the weight's
-magnitude, which a batch norm right after the layer absorbs. A layer whose batch norm was folded
-into its weights (``fold-bn``, eval mode) has none, so the levels are scaled by ``r``, the least-squares fit of the levels to the weight
+magnitude, which a batch norm right after the layer absorbs. qcompile folds batch norm into the
+weights, so the levels are scaled by ``r``, the least-squares fit of the levels to the weight
 (``r = <w, u> / <u, u>`` for the unit levels ``u``, per tensor or per channel, refreshed and frozen
 with the normalizer): the quantized layer keeps the float layer's scale and energy. (Scaling by
 ``max|w|`` instead inflates a 2-bit layer's output by about 1.4 and a deep network's signal grows

@@ -30,17 +30,11 @@ class LayerSite:
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
-    """The float weight a weight quantizer sees: the layer's own, also in a fused conv-BN (whose
-    batch norm folds into the per-channel scale, :func:`fold_factor`)."""
+    """The float weight a weight quantizer sees (for a fused conv-BN, the folded weight)."""
     if isinstance(module, ConvBatchNorm):
-        return module.normalized_weight()
-    return getattr(module, "layer", module).weight
-
-
-def fold_factor(module: nn.Module) -> torch.Tensor | None:
-    """Per output channel, what a fused conv-BN multiplies its quantized weight by when it is
-    deployed (``gamma / sqrt(running_var + eps)``); None for any other layer."""
-    return module.fold_factor() if isinstance(module, ConvBatchNorm) else None
+        return module.folded_weight()
+    inner = getattr(module, "layer", module)
+    return inner.weight
 
 
 def base_layer(module: nn.Module) -> nn.Module:

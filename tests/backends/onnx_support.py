@@ -86,7 +86,8 @@ def last_layer(qm: fx.GraphModule):
     """The last layer's node, its quantized weight and its input quantizer's scale."""
     site = quantizable_layers(qm)[-1]
     with torch.no_grad():
-        weight = site.module.quantized_weight()
+        weight = site.module.quantized_weight() if hasattr(site.module, "quantized_weight") \
+            else site.module.weight_quantizer(site.module.folded_weight())
     reader = qm.get_submodule(site.node.args[0].target)
     scale = float(reader.integer_spec().scale.reshape(-1)[0])
     return site.node, weight.detach(), scale

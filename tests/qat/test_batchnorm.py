@@ -12,7 +12,7 @@ from qcompile.qat import FreezeBatchNorm, Schedule, TrainState
 from qcompile.qat.batchnorm import reestimate_batch_norms, updating_batch_norms
 from qcompile.qat.loaders import EpochBatches, as_source
 from qcompile.quant import Quantizer
-from tiny_runs import digits, quantized_model, train_pair, val_pair
+from tiny_runs import DropoutCNN, digits, quantized_model, train_pair, val_pair
 
 
 def fused_layers(model: nn.Module) -> list[ConvBatchNorm]:
@@ -23,30 +23,23 @@ def batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     return list(x.split(size))
 
 
-def test_statistics_are_the_average_of_the_batch_statistics_of_the_quantized_layer():
+def test_statistics_are_the_average_of_the_batch_statistics():
     torch.manual_seed(0)
-    fused = ConvBatchNorm(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6))
-    fused.weight_quantizer = qcompile.quant.make_quantizer("lsq", "weight", 2, signed=True,
-                                                           per_channel=True, channels=6)
-    fused.weight_quantizer.initialize(fused.normalized_weight().detach())
-    model = nn.Sequential(fused, nn.ReLU()).train()
+    conv, bn = nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6)
+    model = nn.Sequential(conv, bn, nn.ReLU()).train()
     with torch.no_grad():
-        fused.bn.running_mean.fill_(7.0)
-        fused.bn.running_var.fill_(9.0)
+        bn.running_mean.fill_(7.0)
+        bn.running_var.fill_(9.0)
     x = digits().train_x[:96]
     used = reestimate_batch_norms(model, batches(x, 32), examples=64)
     assert used == 64
     with torch.no_grad():
-        norm = fused.weight_norm().reshape(-1, 1, 1, 1)
-        weight = fused.weight_quantizer.eval()(fused.layer.weight / norm) * norm
-        outputs = [nn.functional.conv2d(b, weight, fused.layer.bias, padding=1)
-                   for b in batches(x[:64], 32)]
+        outputs = [conv(b) for b in batches(x[:64], 32)]
     means = torch.stack([o.mean(dim=(0, 2, 3)) for o in outputs]).mean(0)
     variances = torch.stack([o.var(dim=(0, 2, 3)) for o in outputs]).mean(0)
-    torch.testing.assert_close(fused.bn.running_mean, means)
-    torch.testing.assert_close(fused.bn.running_var, variances)
-    assert fused.bn.momentum == 0.1
-    assert fused.training and fused.bn.training
+    torch.testing.assert_close(bn.running_mean, means)
+    torch.testing.assert_close(bn.running_var, variances)
+    assert bn.momentum == 0.1 and bn.training
 
 
 def test_the_rest_of_the_model_runs_as_validation_does_and_keeps_its_modes():
@@ -78,10 +71,16 @@ def test_frozen_and_eval_batch_norms_are_left_alone():
 
 
 def test_two_shares_averaged_equal_one_process_over_all_batches():
+    """Exact for batch norms whose input does not depend on the statistics being estimated (a
+    fused conv-BN's folded weight does)."""
     x = train_pair()[0]
-    whole = quantized_model().train()
+
+    def model():
+        torch.manual_seed(0)
+        return DropoutCNN().train()
+
+    whole, first, second = model(), model(), model()
     reestimate_batch_norms(whole, batches(x[:256], 64), examples=256)
-    second = quantized_model().train()
     reestimate_batch_norms(second, batches(x[128:256], 64), examples=128)
     norms = [bn for _, bn in updating_batch_norms(second)]
     theirs = [bn.running_mean for bn in norms] + [bn.running_var for bn in norms]
@@ -91,7 +90,6 @@ def test_two_shares_averaged_equal_one_process_over_all_batches():
         for tensor, other in zip(tensors, theirs, strict=True):
             tensor.copy_((tensor + other) / 2)
 
-    first = quantized_model().train()
     reestimate_batch_norms(first, batches(x[:128], 64), examples=128, average=average)
     for (_, got), (_, expected) in zip(updating_batch_norms(first), updating_batch_norms(whole),
                                        strict=True):

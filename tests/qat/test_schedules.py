@@ -326,8 +326,11 @@ def test_batch_norm_statistics_stop_changing_after_the_freeze_point(passes):
 
 
 def test_default_schedules_follow_the_model():
-    assert [type(s) for s in default_schedules(quantized("qn"))] == [TemperatureAnnealing]
-    assert default_schedules(quantized("lsq")) == []
+    assert [type(s) for s in default_schedules(quantized("qn"))] == [TemperatureAnnealing,
+                                                                     FreezeBatchNorm]
+    assert [type(s) for s in default_schedules(quantized("lsq"))] == [FreezeBatchNorm]
+    frozen = quantized("lsq", passes="frozen-bn")
+    assert default_schedules(frozen) == []
 
 
 RESUMABLE = [  # (method, schedule factory)
