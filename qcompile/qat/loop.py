@@ -2,8 +2,8 @@
 
 Each step: the schedules' ``on_step_start``, forward, the loss (cross-entropy, or the
 distillation's), backward, gradient clipping, the optimizer step and the per-step learning-rate
-step. Each epoch ends with the schedules' ``on_epoch_end``, batch-norm re-estimation
-(:mod:`~qcompile.qat.batchnorm`), validation, a record in the history and the metrics file, and
+step. Each epoch ends with the schedules' ``on_epoch_end``, batch-norm re-estimation when asked
+for (:mod:`~qcompile.qat.batchnorm`), validation, a record in the history and the metrics file, and
 a checkpoint. Checkpoint saving and restoring live in
 :class:`~qcompile.qat.session.Session`.
 """
@@ -246,7 +246,9 @@ class Run(Session):
     def reestimate_batch_norms(self) -> int:
         """Running statistics of the updating batch norms recomputed from the first
         ``bn_examples`` training examples of this epoch's order (:mod:`.batchnorm`); returns the
-        examples this process used."""
+        examples this process used (0 when the run does not re-estimate)."""
+        if not self.config.bn_examples:
+            return 0
         examples = -(-self.config.bn_examples // self.world.world_size)
         batches = (split_batch(batch, self.world.device)[0]
                    for batch in self.batches.loader(self.state.epoch))
