@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import tvm
 from onnx import TensorProto, helper
 
+from qcompile.backends.tvm import threads as pool
 from qcompile.backends.tvm.kernels.bitserial import Epilogue, conv2d_kernel, packed_shape
 from qcompile.packing import pack_bits
 
@@ -148,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.packed:
         return main_packed(args)
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    pool.configure(args.threads)
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s); load average {os.getloadavg()[0]:.2f} at start")
     rng = np.random.default_rng(0)
@@ -185,8 +186,6 @@ def measure(channels: int, size: int, args, rng) -> dict[str, list[float]]:
 
 
 def main_packed(args) -> None:
-    os.environ["TVM_NUM_THREADS"] = "2"
-    configure = tvm.get_global_func("runtime.config_threadpool")
     print(f"load average {os.getloadavg()[0]:.2f} at start")
     rng = np.random.default_rng(0)
     print("| layer | bits | threads | int32 ms | packed ms | int32 / packed |")
@@ -198,7 +197,7 @@ def main_packed(args) -> None:
         times = {(key, threads): [] for key in runners for threads in ("1 cpu", 1, 2)}
         for _ in range(args.rounds):
             for threads in ("1 cpu", 1, 2):
-                configure(1, 1 if threads == "1 cpu" else threads)
+                pool.configure(1 if threads == "1 cpu" else threads)
                 clock = time.thread_time if threads == "1 cpu" else time.perf_counter
                 for key, call in runners.items():
                     time.sleep(0.02)

@@ -3,6 +3,7 @@
 ``compile_module(model_or_graph, target)`` integerizes a quantized graph (or takes an
 ``IntegerGraph``), lowers it to a Relax module of scheduled kernels (:mod:`.lower`), builds it
 with ``tvm.compile`` and returns a :class:`~.compiled.CompiledModule`; ``load`` reads a saved one.
+Importing the backend sizes TVM's CPU thread pool to the process's cores (:mod:`.threads`).
 """
 
 import time
@@ -11,11 +12,14 @@ import tvm
 from torch import fx
 
 from qcompile import integer_ir as ir
+from qcompile.backends.tvm import threads
 from qcompile.backends.tvm.compiled import CompiledModule, load, versions
 from qcompile.backends.tvm.lower import lower
 from qcompile.backends.tvm.target import resolve_target
 from qcompile.errors import ConfigError
 from qcompile.integerize import integerize
+
+threads.configure()
 
 
 def compile_module(model, target="llvm", input_shape=None) -> CompiledModule:

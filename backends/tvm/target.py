@@ -6,10 +6,9 @@ cores as the process may use. ``"cuda"`` is an sm_80 GPU, ``"cuda:sm_90"`` anoth
 architecture. A dict is passed to ``tvm.target.Target`` as it is.
 """
 
-import os
-
 import tvm
 
+from qcompile.backends.tvm.threads import CORES
 from qcompile.errors import ConfigError
 
 CUDA_ARCH = "sm_80"
@@ -25,7 +24,7 @@ def resolve_target(target: "str | dict | tvm.target.Target") -> tvm.target.Targe
     kind, _, detail = target.partition(":")
     if kind == "llvm":
         cpu = detail or tvm.target.codegen.llvm_get_system_cpu()
-        return _checked({"kind": "llvm", "mcpu": cpu, "num-cores": _cores()})
+        return _checked({"kind": "llvm", "mcpu": cpu, "num-cores": len(CORES)})
     if kind == "cuda":
         return _checked({"kind": "cuda", "arch": detail or CUDA_ARCH})
     raise ConfigError(f"unknown target {target!r}: use 'llvm' (this CPU), 'llvm:CPU', 'cuda' "
@@ -37,7 +36,3 @@ def _checked(spec: dict) -> tvm.target.Target:
         return tvm.target.Target(spec)
     except Exception as error:  # noqa: BLE001 - TVM reports a bad target with its own errors
         raise ConfigError(f"TVM does not accept the target {spec}: {error}") from None
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
