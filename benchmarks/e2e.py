@@ -4,7 +4,8 @@ Quantizes an untrained torchvision ResNet-18 at W2A2 (first and last layer 8-bit
 calibrated on random images: speed does not depend on the weights' values), compiles it with
 the TVM backend for this CPU, and times, in one process with interleaved rounds:
 
-- qcompile: the compiled module (``qcompile.compile(qm, "llvm")``);
+- qcompile: the compiled module (``qcompile.compile(qm, "llvm")``), TVM's pool sized to the same
+  thread count as the others;
 - torch fp32 (2 threads, eval, no_grad);
 - onnxruntime fp32 on the same model exported to ONNX;
 - onnxruntime int8: static QDQ quantization by onnxruntime's own tools (``quant_pre_process``,
@@ -32,6 +33,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization import quant_pre_process, quantize_static
 
 import qcompile
+from qcompile.backends.tvm import threads as pool
 
 SHAPE = (1, 3, 224, 224)
 THREADS = 2
@@ -77,6 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
+    pool.configure(THREADS)
     model = torchvision.models.resnet18(weights=None).eval()
     calibration = [(torch.randn(SHAPE),) for _ in range(4)]
     qm = qcompile.quantize(model, (calibration[0][0],), bits=args.bits, method=args.method,
