@@ -247,3 +247,14 @@ def test_concat_and_flatten_move_values_as_torch_does(shapes, dim, seed):
     flat = (1, joined.size)
     func = glue.reshape(joined.shape, flat, CPU, "flatten")
     np.testing.assert_array_equal(run(func, joined, out_shape=flat), joined.reshape(flat))
+
+
+def test_fixed_pool_builds_for_cuda_without_a_gpu():
+    """The separable pool's stages (padded plane, rows reduced, windows reduced) build as CUDA
+    kernels; code generation needs no GPU."""
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    func = pooling.fixed_pool((1, 4, 9, 9), (3, 3), (2, 2), (1, 1), (5, 5), "max", target,
+                              "maxpool")
+    built = tvm.compile(tvm.IRModule({"main": func}), target)
+    source = "\n".join(m.inspect_source("") for m in built.mod.imports if m.kind == "cuda")
+    assert "__global__" in source and "max(" in source
