@@ -117,13 +117,17 @@ def quantize_affine(shape, scale: float, zero_point: float, qmin: int, qmax: int
     """Float input to code indices: ``clamp(nearbyint(clamp(x) / scale) + zero_point) - first``
     in float32, as :meth:`IntegerSpec.quantize` computes it on a float32 input (its one-element
     scale is a 0-d tensor, so the division runs in the input's type: a float64 division would
-    round differently where ``x / scale`` lies within float32 rounding of a half integer)."""
+    round differently where ``x / scale`` lies within float32 rounding of a half integer).
+
+    The rounding is ``tirx.round``, which TVM lowers to ``llvm.nearbyint`` (and ``nearbyintf``
+    on CUDA): ties to even, as torch rounds. ``tirx.nearbyint`` means the same but TVM's
+    vectorizer does not widen it: the vector loop became scalar calls that LLVM regathered
+    (ResNet-18's input: 119 us against 11 us)."""
     x = te.placeholder(shape, "float32", name="x")
 
     def code(*i):
         value = _clamped(x(*i), low, high, "float32")
-        q = tirx.nearbyint(value / tirx.const(scale, "float32")) + tirx.const(zero_point,
-                                                                               "float32")
+        q = tirx.round(value / tirx.const(scale, "float32")) + tirx.const(zero_point, "float32")
         q = tvm.te.max(tvm.te.min(q, tirx.const(qmax, "float32")), tirx.const(qmin, "float32"))
         return q.astype("int32") - first
 
