@@ -98,11 +98,17 @@ def bit_serial(op, graph: ir.IntegerGraph) -> bool:
 def passes_packed(value: str, layer, readers: dict, graph: ir.IntegerGraph, shapes: dict,
                   target) -> bool:
     """Whether the codes ``value`` (requantized inside bit-serial conv ``layer``) go from it to
-    their readers as packed planes: every reader is a bit-serial conv, and the channels fill
-    whole packed words (or one)."""
+    their readers as packed planes (:func:`reads_packed`)."""
+    return (isinstance(layer, ir.Conv) and bit_serial(layer, graph)
+            and reads_packed(value, readers, graph, shapes, target))
+
+
+def reads_packed(value: str, readers: dict, graph: ir.IntegerGraph, shapes: dict,
+                 target) -> bool:
+    """Whether the codes ``value`` can be stored as packed planes only: every reader is a
+    bit-serial conv, and the channels fill whole packed words (or one)."""
     after = readers.get(value, [])
     channels, word = shapes[value][1], bitserial_packed.word_bits(target)
-    return (isinstance(layer, ir.Conv) and bit_serial(layer, graph) and bool(after)
-            and value != graph.output
+    return (bool(after) and value != graph.output
             and all(isinstance(r, ir.Conv) and bit_serial(r, graph) for r in after)
             and (channels <= word or channels % word == 0))

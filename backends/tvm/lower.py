@@ -7,7 +7,9 @@ are low-bit codes that stand for themselves (activations ``0..2^b-1``, weights i
 two's-complement or bipolar form, bits <= 4, groups = 1) and direct otherwise
 (:mod:`.kernels.direct`: 8-bit layers, depthwise convs, learned weight tables). A layer whose
 accumulator only feeds one requantization gets it as a fused epilogue, so the accumulator never
-reaches memory. Values between ops are int32 tensors of codes (or accumulators).
+reaches memory. Values between ops are int32 tensors of codes (or accumulators), except codes
+that only bit-serial convs read: those are stored as packed bit planes, by the conv whose
+epilogue computes them or by their requantization kernel.
 
 Between layers the lowering moves less data than the ops literally say
 (:mod:`.glue_plan`): affine codes reach their consumers as codes, residual adds are folded into
@@ -197,22 +199,31 @@ class _Builder:
     def _requantize(self, value: str, op: ir.Requantize, sources: list[str], terms: Terms,
                     epilogue: Epilogue, extra: list, trace_only: bool = False) -> None:
         shape = self.shapes[value]
+        packs = not trace_only and glue_plan.reads_packed(value, self.readers, self.graph,
+                                                          self.shapes, self.target)
+        bits = self.graph.values[value].bits if packs else 0
+        layout = f"_po{bits}" if bits else ""
         table = glue_plan.staircase_table(op, self.graph.values.get(op.input))
         if table is not None:
             low, codes = table
             symbol = (f"requantize_table{shape_tag(codes.shape)}{codes.dtype}_"
-                      f"{shape_tag(shape)}{terms.tag}_l{low}").replace("-", "m")
-            self.call(value, symbol,
-                      lambda: glue.requantize_table(shape, terms, low, codes.shape,
-                                                    str(codes.dtype), self.target, symbol),
-                      [*sources, codes], trace_only=trace_only)
+                      f"{shape_tag(shape)}{terms.tag}_l{low}{layout}").replace("-", "m")
+            build = lambda: glue.requantize_table(  # noqa: E731
+                shape, terms, low, codes.shape, str(codes.dtype), self.target, symbol, bits)
+            args = [*sources, codes]
+        else:
+            channels = shape[1] if len(shape) > 1 else 1
+            symbol = f"requantize_{epilogue.tag}_{shape_tag(shape)}{terms.tag}{layout}"
+            build = lambda: glue.requantize(  # noqa: E731
+                shape, epilogue, channels, self.target, symbol, terms, bits)
+            args = [*sources, *extra]
+        if not bits:
+            self.call(value, symbol, build, args, trace_only=trace_only)
             return
-        channels = shape[1] if len(shape) > 1 else 1
-        symbol = f"requantize_{epilogue.tag}_{shape_tag(shape)}{terms.tag}"
-        self.call(value, symbol,
-                  lambda: glue.requantize(shape, epilogue, channels, self.target, symbol,
-                                          terms),
-                  [*sources, *extra], trace_only=trace_only)
+        self.packed.add(value)
+        self.emit_packed(value, bits, lambda packed: self.call(
+            packed, symbol, build, args, bitserial_packed.packed_dtype(self.target),
+            traced=False))
 
     def _plan_conv(self, op: ir.Conv) -> None:
         self._plan_layer(op, op.name, Epilogue(), [])

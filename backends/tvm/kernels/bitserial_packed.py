@@ -25,8 +25,8 @@ from tvm import tirx as T
 
 from qcompile.errors import ConfigError
 
-__all__ = ["output_planes", "pack_codes", "packed_dtype", "packed_shape", "packed_word",
-           "unpack_codes", "word_bits"]
+__all__ = ["output_planes", "pack_codes", "pack_stage", "packed_dtype", "packed_shape",
+           "packed_word", "packing_kernel", "unpack_codes", "word_bits"]
 
 GPU_THREADS = 128
 LANES = 8
@@ -137,6 +137,34 @@ def unpack_codes(shape, bits: int, target) -> tvm.tirx.PrimFunc:
     codes = te.compute(shape, code, "codes")
     return _finish(_schedule(te.create_prim_func([packed, codes]), "codes", target),
                    f"unpack_codes_{_tag(shape)}_b{bits}_{target.kind.name}")
+
+
+def packing_kernel(func: tvm.tirx.PrimFunc, target, symbol: str) -> tvm.tirx.PrimFunc:
+    """``func``, whose output is a :func:`pack_stage` named ``packed`` of the codes that its
+    stage before computes elementwise (a requantization), scheduled: on the CPU, a task per
+    (batch, word, row) computes the codes of the word's channels along the row into a local
+    buffer, vectorized, then packs every plane from it, so each code is computed once and only
+    the words reach memory; on CUDA (or without a spatial axis), the codes are inlined into
+    :func:`pack_codes`' schedule."""
+    sch = s_tir.Schedule(func)
+    *before, codes, packed = sch.get_child_blocks(sch.get_sblock("root"))
+    for block in before:
+        sch.compute_inline(block)
+    loops = sch.get_loops(packed)
+    if target.kind.name == "cuda" or len(loops) < 4:
+        sch.compute_inline(codes)
+        return _finish(_schedule(sch.mod["main"], "packed", target), symbol)
+    b, q, v, *rows, x = loops
+    sch.reorder(b, v, *rows, q, x)
+    task = sch.fuse(b, v, *rows)
+    sch.parallel(task)
+    sch.compute_at(codes, task)
+    for block, inner in ((codes, sch.get_loops(codes)[-1]), (packed, x)):
+        extent = int(sch.get(inner).extent)
+        lanes = next((d for d in range(LANES, 1, -1) if extent % d == 0), 0)
+        if lanes:
+            sch.vectorize(sch.split(inner, [None, lanes])[1])
+    return _finish(sch.mod["main"], symbol)
 
 
 def _schedule(func: tvm.tirx.PrimFunc, name: str, target) -> tvm.tirx.PrimFunc:

@@ -20,6 +20,7 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
+from qcompile.backends.tvm.kernels import bitserial_packed
 from qcompile.backends.tvm.kernels.epilogue import Epilogue, apply_epilogue
 
 INT32_MIN = -(2**31)
@@ -160,23 +161,38 @@ def _clamped(value, low: float, high: float, dtype: str = "float64"):
     return value
 
 
+def _codes_out(tensors: list[te.Tensor], codes: te.Tensor, packed_bits: int, target,
+               symbol: str) -> tirx.PrimFunc:
+    """The kernel storing ``codes``: as int32, or (``packed_bits`` planes) in the packed layout
+    of :mod:`.bitserial_packed` that bit-serial layers read, the codes computed in registers
+    and only the words stored."""
+    if not packed_bits:
+        return _build([*tensors, codes], target, symbol)
+    packed = bitserial_packed.pack_stage(codes, packed_bits, bitserial_packed.word_bits(target),
+                                         "packed")
+    return bitserial_packed.packing_kernel(te.create_prim_func([*tensors, packed]), target,
+                                           symbol)
+
+
 def requantize(shape, epilogue: Epilogue, channels: int, target, symbol: str,
-               terms: Terms = Terms((1,))) -> tirx.PrimFunc:
+               terms: Terms = Terms((1,)), packed_bits: int = 0) -> tirx.PrimFunc:
     """Integers (``terms`` of int32 tensors, channels on axis 1) to codes, by the epilogue's
-    staircase."""
+    staircase; stored packed in ``packed_bits`` planes if given."""
     inputs, acc = _integers(shape, terms)
     extra = epilogue.placeholders(channels)
     out = apply_epilogue(acc, epilogue, extra)
-    return _build([*inputs, *extra, out], target, symbol)
+    return _codes_out([*inputs, *extra], out, packed_bits, target, symbol)
 
 
 def requantize_table(shape, terms: Terms, low: int, table_shape: tuple[int, int],
-                     table_dtype: str, target, symbol: str) -> tirx.PrimFunc:
+                     table_dtype: str, target, symbol: str, packed_bits: int = 0
+                     ) -> tirx.PrimFunc:
     """Integers ``V`` in ``[low, low + width)`` to codes by a table: ``table[row, V - low]``
     (``table_shape = (rows, width)``; rows 1, or one per channel of axis 1), stored narrow
     (:func:`narrow`) and widened here. The lowering fills the table with the reference
     staircase on the whole range, so the kernel is exact by construction; the index is clamped
-    into the table (a no-op on the proven range) so no read can leave it."""
+    into the table (a no-op on the proven range) so no read can leave it. Stored packed in
+    ``packed_bits`` planes if given."""
     inputs = [te.placeholder(shape, "int32", name=f"x{k}") for k in range(len(terms.scales))]
     rows, width = table_shape
     table = te.placeholder(table_shape, table_dtype, name="table")
@@ -187,7 +203,7 @@ def requantize_table(shape, terms: Terms, low: int, table_shape: tuple[int, int]
         return table[i[1] if rows > 1 else 0, index].astype("int32")
 
     out = te.compute(shape, code, name="codes")
-    return _build([*inputs, table, out], target, symbol)
+    return _codes_out([*inputs, table], out, packed_bits, target, symbol)
 
 
 def narrow(table: np.ndarray) -> np.ndarray:

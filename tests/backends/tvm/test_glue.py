@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcompile.backends.tvm.kernels import glue, pooling
+from qcompile.backends.tvm.kernels.bitserial_packed import pack_codes, packed_shape, unpack_codes
 from qcompile.backends.tvm.kernels.epilogue import Epilogue
 from qcompile.requantization import apply_fixed_point, apply_staircase
 
@@ -196,6 +197,41 @@ def test_requantize_is_the_reference_staircase(channels, levels, per_channel, se
                                   expected)
 
 
+@settings(max_examples=12, deadline=None)
+@given(channels=st.sampled_from((1, 5, 64, 65, 128)),
+       spatial=st.lists(st.integers(1, 17), max_size=2), levels=st.sampled_from((1, 3, 7, 15)),
+       table=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_packed_requantize_stores_the_reference_codes_as_packed_planes(channels, spatial, levels,
+                                                                       table, seed):
+    """A requantization of a folded add, by thresholds or by a table, stored as the packed planes
+    that bit-serial layers read: the words are those of the reference staircase's codes."""
+    rng = np.random.default_rng(seed)
+    shape = (1, channels, *spatial)
+    codes = [rng.integers(0, 256, shape).astype("int32") for _ in range(2)]
+    terms = glue.Terms((1, 1), -256)
+    v = torch.from_numpy(codes[0].astype(np.int64) + codes[1] - 256)
+    thresholds = torch.from_numpy(np.sort(rng.integers(-300, 300, (channels, levels)), axis=1))
+    direction = torch.from_numpy(rng.choice([-1, 1], channels))
+    expected = apply_staircase(v, thresholds, direction).numpy().astype("int32")
+    bits = levels.bit_length()
+    if table:
+        values = torch.arange(-256, 255).expand(1, channels, 511)
+        lookup = glue.narrow(apply_staircase(values, thresholds, direction)[0].numpy())
+        func = glue.requantize_table(shape, terms, -256, lookup.shape, str(lookup.dtype), CPU,
+                                     "table", packed_bits=bits)
+        inputs = [*codes, lookup]
+    else:
+        func = glue.requantize(shape, Epilogue("thresholds", levels, True), channels, CPU,
+                               "requantize", terms, packed_bits=bits)
+        inputs = [*codes, thresholds.numpy(), direction.numpy()]
+    words = run(func, *inputs, out_shape=packed_shape(shape, bits, CPU), dtype="uint64")
+    reference = run(pack_codes(shape, bits, CPU), expected,
+                    out_shape=packed_shape(shape, bits, CPU), dtype="uint64")
+    np.testing.assert_array_equal(words, reference)
+    np.testing.assert_array_equal(
+        run(unpack_codes(shape, bits, CPU), words, out_shape=shape), expected)
+
+
 @EXAMPLES
 @given(channels=st.integers(1, 6), shift=st.integers(0, 12), seed=st.integers(0, 2**31 - 1))
 def test_fixed_point_requantize_of_terms_is_the_reference(channels, shift, seed):
@@ -269,3 +305,14 @@ def test_fixed_pool_builds_for_cuda_without_a_gpu():
     built = tvm.compile(tvm.IRModule({"main": func}), target)
     source = "\n".join(m.inspect_source("") for m in built.mod.imports if m.kind == "cuda")
     assert "__global__" in source and "max(" in source
+
+
+def test_packed_requantize_builds_for_cuda_without_a_gpu():
+    """On CUDA the codes are inlined into one thread per packed word; the source is generated
+    without a GPU."""
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    func = glue.requantize((1, 40, 6, 6), Epilogue("thresholds", 3, True), 40, target,
+                           "requantize_packed", glue.Terms((1, 1), -256), packed_bits=2)
+    built = tvm.compile(tvm.IRModule({"main": func}), target)
+    source = "\n".join(m.inspect_source("") for m in built.mod.imports if m.kind == "cuda")
+    assert "__global__" in source and "threadIdx.x" in source

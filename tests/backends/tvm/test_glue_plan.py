@@ -102,7 +102,38 @@ def test_a_residual_network_is_bit_exact_with_folded_adds_pooled_first_and_packe
     assert main.count("maxpool_1x8x15x15") == 1 and "_signed" in main, main
     assert "_po2" in main and "_pi" in main and "unpack_" not in main, (
         "the body's two bit-serial convs pass packed planes, unpacked in the trace only")
-    compiled = qcompile.compile(graph, "llvm", input_shape=(1, 3, 15, 15))
+    _assert_bit_exact(graph, x)
+
+
+class ResidualThenConv(Residual):
+    """The residual block's output read by a conv only: its requantization is a glue kernel."""
+
+    def __init__(self, width: int = 8):
+        super().__init__(width)
+        self.tail = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+
+    def forward(self, x):
+        x = self.pool(self.stem(x))
+        x = self.tail(self.relu(self.body(x) + x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_requantization_read_by_bit_serial_convs_only_stores_packed_planes():
+    torch.manual_seed(0)
+    model = randomize_batch_norms(ResidualThenConv(), 2).eval()
+    x = torch.randn(2, 3, 15, 15, generator=torch.Generator().manual_seed(2))
+    qm = qcompile.quantize(model, (x[:1],), bits=2, method="lsq", calib_data=[(x,)])
+    graph = qcompile.integerize(qm)
+    main = str(lower(graph, (1, 3, 15, 15), resolve_target("llvm")).module["main"])
+    packed = [line for line in main.splitlines() if "requantize_" in line and "_po2" in line]
+    assert packed, main
+    _assert_bit_exact(graph, x)
+
+
+def _assert_bit_exact(graph: ir.IntegerGraph, x: torch.Tensor) -> None:
+    """Every traced value of the compiled program equals the reference's, on each sample."""
+    compiled = qcompile.compile(graph, "llvm", input_shape=(1, *x.shape[1:]))
     for sample in x.split(1):
         produced = compiled.integer_activations(sample)
         expected = graph.integer_activations(sample)
