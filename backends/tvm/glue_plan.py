@@ -112,3 +112,15 @@ def reads_packed(value: str, readers: dict, graph: ir.IntegerGraph, shapes: dict
     return (bool(after) and value != graph.output
             and all(isinstance(r, ir.Conv) and bit_serial(r, graph) for r in after)
             and (channels <= word or channels % word == 0))
+
+
+def integers_only(value: str, readers: dict, graph: ir.IntegerGraph) -> int | None:
+    """The offset ``b`` of codes ``value`` whose levels are ``u + b`` (``b != 0``) when every
+    reader is a direct layer, which reads their integers, not the codes: the quantizer can then
+    store the integers ``u + b`` in place of the codes (no add kernel between). Else None."""
+    fmt, after = graph.values.get(value), readers.get(value, [])
+    affine = affine_levels(fmt.levels) if isinstance(fmt, ir.CodeFormat) else None
+    if affine is None or affine[0] != 1 or affine[1] == 0 or not after or value == graph.output:
+        return None
+    direct = all(isinstance(r, (ir.Conv, ir.Linear)) and not bit_serial(r, graph) for r in after)
+    return affine[1] if direct else None

@@ -167,12 +167,15 @@ class _Builder:
         if spec.scale.numel() > 1:
             raise NotDeployableError(f"{op.name}: per-channel input quantization")
         if spec.thresholds is None:
-            zero = float(spec.zero_point.reshape(-1)[0])
-            args = (float(spec.scale.reshape(-1)[0]), zero, spec.qmin, spec.qmax,
-                    int(spec.codes[0]), op.low, op.high)
-            symbol = f"quantize_{shape_tag(shape)}_{abs(hash(args)) % 10**8}"
-            self.call(op.name, symbol,
-                      lambda: glue.quantize_affine(shape, *args, self.target, symbol), [op.input])
+            scale, zero = float(spec.scale.reshape(-1)[0]), float(spec.zero_point.reshape(-1)[0])
+            offset = glue_plan.integers_only(op.name, self.readers, self.graph)
+            first = int(spec.codes[0])
+            self._quantize_affine(op, op.name, scale, zero, first, trace_only=offset is not None)
+            if offset is not None:
+                value = f"{op.name}:integers"
+                self.shapes[value] = shape
+                self._quantize_affine(op, value, scale, zero, first - offset)
+                self.folded[op.name] = ([value], ONE)
             return
         count = spec.thresholds.shape[-1]
         symbol = f"quantize_t{count}_{shape_tag(shape)}"
@@ -180,6 +183,16 @@ class _Builder:
                   lambda: glue.quantize_thresholds(shape, count, op.low, op.high, self.target,
                                                    symbol),
                   [op.input, np.ascontiguousarray(spec.thresholds.double().reshape(-1).numpy())])
+
+    def _quantize_affine(self, op: ir.Quantize, value: str, scale: float, zero: float,
+                         first: int, trace_only: bool = False) -> None:
+        """``value`` = the input's codes ``q - first`` (``q`` the quantized integer); a
+        ``first`` lowered by ``b`` stores the integers ``u + b`` instead."""
+        shape, spec = self.shapes[op.input], op.spec
+        args = (scale, zero, spec.qmin, spec.qmax, first, op.low, op.high)
+        symbol = f"quantize_{shape_tag(shape)}_{abs(hash(args)) % 10**8}"
+        self.call(value, symbol, lambda: glue.quantize_affine(shape, *args, self.target, symbol),
+                  [op.input], trace_only=trace_only)
 
     def _plan_requantize(self, op: ir.Requantize) -> None:
         epilogue, extra = _epilogue(op)

@@ -102,6 +102,8 @@ def test_a_residual_network_is_bit_exact_with_folded_adds_pooled_first_and_packe
     assert main.count("maxpool_1x8x15x15") == 1 and "_signed" in main, main
     assert "_po2" in main and "_pi" in main and "unpack_" not in main, (
         "the body's two bit-serial convs pass packed planes, unpacked in the trace only")
+    assert "add1_" not in main and main.count("quantize_1x3x15x15") == 1, (
+        "the input quantizer stores the integers the 8-bit stem reads, its codes in the trace")
     _assert_bit_exact(graph, x)
 
 
