@@ -141,11 +141,12 @@ def unpack_codes(shape, bits: int, target) -> tvm.tirx.PrimFunc:
 
 def packing_kernel(func: tvm.tirx.PrimFunc, target, symbol: str) -> tvm.tirx.PrimFunc:
     """``func``, whose output is a :func:`pack_stage` named ``packed`` of the codes that its
-    stage before computes elementwise (a requantization), scheduled: on the CPU, a task per
-    (batch, word, row) computes the codes of the word's channels along the row into a local
-    buffer, vectorized, then packs every plane from it, so each code is computed once and only
-    the words reach memory; on CUDA (or without a spatial axis), the codes are inlined into
-    :func:`pack_codes`' schedule."""
+    stage before computes elementwise (a requantization), scheduled. On the CPU a task computes
+    the codes of one word's channels into a local buffer, vectorized, then packs every plane
+    from it, so each code is computed once and only the words reach memory. A task covers one
+    row when the row fills whole vectors, else a whole plane (the pixels as one vector loop: a
+    28-wide row would make 7-lane vectors, a 28x28 plane makes 8-lane ones). On CUDA (or
+    without a spatial axis) the codes are inlined into :func:`pack_codes`' schedule."""
     sch = s_tir.Schedule(func)
     *before, codes, packed = sch.get_child_blocks(sch.get_sblock("root"))
     for block in before:
@@ -155,13 +156,18 @@ def packing_kernel(func: tvm.tirx.PrimFunc, target, symbol: str) -> tvm.tirx.Pri
         sch.compute_inline(codes)
         return _finish(_schedule(sch.mod["main"], "packed", target), symbol)
     b, q, v, *rows, x = loops
-    sch.reorder(b, v, *rows, q, x)
-    task = sch.fuse(b, v, *rows)
+    if int(sch.get(x).extent) % LANES == 0 or not rows:
+        sch.reorder(b, v, *rows, q, x)
+        task, pixels = sch.fuse(b, v, *rows), x
+    else:
+        sch.reorder(b, v, q, *rows, x)
+        task, pixels = sch.fuse(b, v), sch.fuse(*rows, x)
     sch.parallel(task)
-    sch.compute_at(codes, task)
-    for block, inner in ((codes, sch.get_loops(codes)[-1]), (packed, x)):
+    sch.compute_at(codes, task, preserve_unit_loops=True)
+    spatial = sch.get_loops(codes)[3:]
+    for inner in (sch.fuse(*spatial) if len(spatial) > 1 else spatial[0], pixels):
         extent = int(sch.get(inner).extent)
-        lanes = next((d for d in range(LANES, 1, -1) if extent % d == 0), 0)
+        lanes = next((d for d in (LANES, 4, 2) if extent % d == 0), 0)
         if lanes:
             sch.vectorize(sch.split(inner, [None, lanes])[1])
     return _finish(sch.mod["main"], symbol)
