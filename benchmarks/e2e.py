@@ -78,13 +78,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--method", default="lsq")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(THREADS)
-    pool.configure(THREADS)
-    model = torchvision.models.resnet18(weights=None).eval()
-    calibration = [(torch.randn(SHAPE),) for _ in range(4)]
-    qm = qcompile.quantize(model, (calibration[0][0],), bits=args.bits, method=args.method,
-                           calib_data=calibration)
+    model, qm = quantized_resnet18(args.bits, args.method)
     start = time.perf_counter()
     compiled = qcompile.compile(qm, "llvm")
     compile_seconds = time.perf_counter() - start
@@ -127,6 +121,19 @@ def main() -> None:
           f"(1/{fp32_bytes / artifact_bytes:.1f}); compile {compile_seconds:.1f} s")
     print(f"machine: {platform.machine()}, {tvm_cpu()}, torch {torch.__version__}, "
           f"onnxruntime {ort.__version__}")
+
+
+def quantized_resnet18(bits: int = 2, method: str = "lsq"):
+    """An untrained ResNet-18 (seed 0) and its quantized graph, calibrated on random images, with
+    torch and TVM sized to :data:`THREADS` threads."""
+    torch.manual_seed(0)
+    torch.set_num_threads(THREADS)
+    pool.configure(THREADS)
+    model = torchvision.models.resnet18(weights=None).eval()
+    calibration = [(torch.randn(SHAPE),) for _ in range(4)]
+    qm = qcompile.quantize(model, (calibration[0][0],), bits=bits, method=method,
+                           calib_data=calibration)
+    return model, qm
 
 
 @torch.no_grad()

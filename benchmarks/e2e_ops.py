@@ -20,12 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
-import torchvision
 
 import qcompile
-from e2e import SHAPE, THREADS, onnx_sessions
-from qcompile.backends.tvm import threads as pool
+from e2e import SHAPE, THREADS, onnx_sessions, quantized_resnet18
 
 GROUPS = ["first conv (8-bit)", "3x3 convs", "1x1 convs", "max pool", "classifier",
           "input quantize", "glue"]
@@ -112,13 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=50)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(THREADS)
-    pool.configure(THREADS)
-    model = torchvision.models.resnet18(weights=None).eval()
-    calibration = [(torch.randn(SHAPE),) for _ in range(4)]
-    qm = qcompile.quantize(model, (calibration[0][0],), bits=2, method="lsq",
-                           calib_data=calibration)
+    model, qm = quantized_resnet18()
     compiled = qcompile.compile(qm, "llvm")
     x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
     with tempfile.TemporaryDirectory() as folder:
