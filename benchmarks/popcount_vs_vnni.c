@@ -3,7 +3,8 @@
  * W2A2 bit-serial: one step is vpandq + vpopcntq + vpaddq on 8 uint64 lanes, 512 one-bit
  * products, i.e. 128 two-bit MACs. int8 (onnxruntime's QLinearConv): one vpdpbusd, 64 MACs.
  * Twelve independent accumulators in registers (the loop unrolled), operands kept opaque to
- * the compiler each iteration so nothing is hoisted out of the loop. Prints nanoseconds per step and GMAC/s of one core.
+ * the compiler each iteration so nothing is hoisted out of the loop. Prints nanoseconds per
+ * step and GMAC/s of one core.
  *
  * Build and run (any x86-64 CPU with AVX512_VPOPCNTDQ and AVX512_VNNI):
  *   gcc -O2 -march=icelake-server benchmarks/popcount_vs_vnni.c -o /tmp/pv && /tmp/pv

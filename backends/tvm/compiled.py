@@ -3,10 +3,11 @@
 It runs on numpy or torch input of the compiled shape and dtype (float32) and returns the
 same kind of array. The input is copied into one staging tensor that the module keeps: a fresh
 tensor per call (600 KB for a 224x224 image) cost its page faults on every call, 3-5% of a
-ResNet-18 W2A2 call. A module runs one call at a time, as TVM's virtual machine does. ``integer_activations`` runs the ``trace`` function and returns every value
-by name, which is how :func:`qcompile.verify` checks it against the simulated model. ``save``
-writes a ``.qc`` artifact (:mod:`qcompile.artifact`): the exported library, the parameters as
-``params.npz`` and the manifest; :func:`load` runs it in any process that has qcompile and TVM.
+ResNet-18 W2A2 call. A module runs one call at a time, as TVM's virtual machine does.
+``integer_activations`` runs the ``trace`` function and returns every value by name, which is
+how :func:`qcompile.verify` checks it against the simulated model. ``save`` writes a ``.qc``
+artifact (:mod:`qcompile.artifact`): the exported library, the parameters as ``params.npz`` and
+the manifest; :func:`load` runs it in any process that has qcompile and TVM.
 """
 
 import tempfile
