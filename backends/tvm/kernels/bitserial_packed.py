@@ -115,8 +115,8 @@ def pack_codes(shape, bits: int, target) -> tvm.tirx.PrimFunc:
     shape, bits = _codes_shape(shape), _bits(bits)
     codes = te.placeholder(shape, "int32", "codes")
     packed = pack_stage(codes, bits, word_bits(target), "packed")
-    return _finish(_schedule(te.create_prim_func([codes, packed]), "packed", target),
-                   f"pack_codes_{_tag(shape)}_b{bits}_{target.kind.name}")
+    return packing_kernel(te.create_prim_func([codes, packed]), target,
+                          f"pack_codes_{_tag(shape)}_b{bits}_{target.kind.name}")
 
 
 def unpack_codes(shape, bits: int, target) -> tvm.tirx.PrimFunc:
@@ -140,20 +140,22 @@ def unpack_codes(shape, bits: int, target) -> tvm.tirx.PrimFunc:
 
 
 def packing_kernel(func: tvm.tirx.PrimFunc, target, symbol: str) -> tvm.tirx.PrimFunc:
-    """``func``, whose output is a :func:`pack_stage` named ``packed`` of the codes that its
-    stage before computes elementwise (a requantization), scheduled. On the CPU a task computes
-    the codes of one word's channels into a local buffer, vectorized, then packs every plane
-    from it, so each code is computed once and only the words reach memory. A task covers one
+    """``func``, whose output is a :func:`pack_stage` named ``packed`` of int32 codes (an input,
+    or a stage before that computes them elementwise, such as a requantization), scheduled. On
+    the CPU a task packs one word's channels; computed codes go first into a local buffer,
+    vectorized, so each is computed once and only the words reach memory. A task covers one
     row when the row fills whole vectors, else a whole plane (the pixels as one vector loop: a
     28-wide row would make 7-lane vectors, a 28x28 plane makes 8-lane ones). On CUDA (or
-    without a spatial axis) the codes are inlined into :func:`pack_codes`' schedule."""
+    without a spatial axis) computed codes are inlined into one thread per word."""
     sch = s_tir.Schedule(func)
-    *before, codes, packed = sch.get_child_blocks(sch.get_sblock("root"))
-    for block in before:
+    *before, packed = sch.get_child_blocks(sch.get_sblock("root"))
+    for block in before[:-1]:
         sch.compute_inline(block)
+    codes = before[-1] if before else None
     loops = sch.get_loops(packed)
     if target.kind.name == "cuda" or len(loops) < 4:
-        sch.compute_inline(codes)
+        if codes is not None:
+            sch.compute_inline(codes)
         return _finish(_schedule(sch.mod["main"], "packed", target), symbol)
     b, q, v, *rows, x = loops
     if int(sch.get(x).extent) % LANES == 0 or not rows:
@@ -163,9 +165,12 @@ def packing_kernel(func: tvm.tirx.PrimFunc, target, symbol: str) -> tvm.tirx.Pri
         sch.reorder(b, v, q, *rows, x)
         task, pixels = sch.fuse(b, v), sch.fuse(*rows, x)
     sch.parallel(task)
-    sch.compute_at(codes, task, preserve_unit_loops=True)
-    spatial = sch.get_loops(codes)[3:]
-    for inner in (sch.fuse(*spatial) if len(spatial) > 1 else spatial[0], pixels):
+    vector_loops = [pixels]
+    if codes is not None:
+        sch.compute_at(codes, task, preserve_unit_loops=True)
+        spatial = sch.get_loops(codes)[3:]
+        vector_loops.append(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+    for inner in vector_loops:
         extent = int(sch.get(inner).extent)
         lanes = next((d for d in (LANES, 4, 2) if extent % d == 0), 0)
         if lanes:
