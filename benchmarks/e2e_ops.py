@@ -1,12 +1,13 @@
 """Where ResNet-18's time goes, op by op: qcompile's compiled W2A2 model against onnxruntime int8.
 
 The same models as :mod:`e2e` (W2A2 LSQ with first and last layer 8-bit; onnxruntime's static
-QDQ int8 after ``quant_pre_process``), 2 threads each. qcompile's kernels are timed by the Relax
-virtual machine's instrument hook (wall time around each kernel call, so a few microseconds of
-hook each); onnxruntime's nodes by its own profiler (``enable_profiling``). Both take the median
-over :data:`CALLS` calls of each op's time, summed into groups that both programs have: the
-8-bit first conv, the 3x3 convs, the 1x1 downsample convs, the max pool, the classifier, the
-input quantization, and the glue between (requantizations, adds, pooling, dequantization).
+QDQ int8 after ``quant_pre_process``), 2 threads each. qcompile's kernels are timed by
+``CompiledModule.profile`` (the Relax virtual machine's instrument hook: wall time around each
+kernel call, so a few microseconds of hook each); onnxruntime's nodes by its own profiler
+(``enable_profiling``). Both take the median over ``--calls`` calls of each op's time, summed
+into groups that both programs have: the 8-bit first conv, the 3x3 convs, the 1x1 downsample
+convs, the max pool, the classifier, the input quantization, and the glue between
+(requantizations, adds, pooling, dequantization).
 Usage: ``python benchmarks/e2e_ops.py [--calls 50]``.
 """
 
@@ -15,7 +16,6 @@ import collections
 import json
 import re
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -54,27 +54,14 @@ def ort_group(node: str) -> str:
 
 
 def ours(compiled, x: np.ndarray, calls: int) -> dict[str, float]:
-    """Median time of each kernel call (by its position in the program), grouped."""
-    vm = compiled._machine()
-    data, _ = compiled._input(x)
-    times: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
-    started: list[float] = []
-    order: list[tuple[str, float]] = []
-
-    def hook(func, symbol, before, ret, *args):
-        if before:
-            started.append(time.perf_counter())
-        else:
-            order.append((symbol, time.perf_counter() - started.pop()))
-
-    vm.set_instrument(hook)
-    for _ in range(calls):
-        order.clear()
-        vm["main"](data, *compiled._params)
-        for position, (symbol, seconds) in enumerate(order):
-            times[(position, symbol)].append(seconds)
-    vm.set_instrument(None)
-    return _grouped(times, ours_group)
+    """Median time of each kernel call, grouped (``CompiledModule.profile``)."""
+    profile = compiled.profile(x, calls=calls)
+    groups = collections.Counter()
+    for kernel in profile.kernels:
+        group = ours_group(kernel.kernel)
+        if group:
+            groups[group] += kernel.seconds * 1e6
+    return dict(groups)
 
 
 def _grouped(times: dict, group_of) -> dict[str, float]:

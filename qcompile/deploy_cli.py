@@ -1,7 +1,9 @@
 """``qcompile run`` and ``qcompile inspect``: use and describe a compiled ``.qc`` artifact.
 
-``qcompile run model.qc --input x.npy [--output y.npy]`` runs the model on a saved array (the
-compiled input shape, float32) and prints the top class of each row; ``qcompile inspect
+``qcompile run model.qc --input x.npy [--output y.npy] [--profile [CALLS]]`` runs the model on a
+saved array (the compiled input shape, float32) and prints the top class of each row; with
+``--profile`` it then times every kernel call over CALLS calls (default 20) and prints the
+slowest (:meth:`~qcompile.backends.tvm.compiled.CompiledModule.profile`); ``qcompile inspect
 model.qc`` prints the manifest: versions, target, shapes, per-layer bits and kernels, sizes.
 """
 
@@ -18,6 +20,9 @@ def run_command(argv: list[str]) -> int:
     parser.add_argument("artifact", help="a .qc file written by qcompile ... --out model.qc")
     parser.add_argument("--input", required=True, help=".npy array of the compiled input shape")
     parser.add_argument("--output", help="write the output array here (.npy)")
+    parser.add_argument("--profile", nargs="?", const=20, type=int, metavar="CALLS",
+                        help="then time every kernel call over CALLS calls (default 20) and "
+                             "print the slowest")
     args = parser.parse_args(argv)
     from qcompile.api import load
 
@@ -28,6 +33,8 @@ def run_command(argv: list[str]) -> int:
         _save(args.output, y)
     for row, scores in enumerate(y.reshape(y.shape[0], -1)):
         print(f"{row}: class {int(scores.argmax())} (score {float(scores.max()):.4f})")
+    if args.profile is not None:
+        print(module.profile(x, calls=args.profile).table())
     return 0
 
 

@@ -50,6 +50,7 @@ def compile_module(model, target="llvm", input_shape=None) -> CompiledModule:
         "bytes": {"params": int(sum(a.nbytes for a in lowered.params)),
                   "fp32_weights": int(sum(r[3] for r in graph.size_rows()))},
         "compile_seconds": round(seconds, 2),
+        "program": [{"value": value, "kernel": symbol} for value, symbol in lowered.program],
     }
     return CompiledModule(executable, lowered.params, manifest, lowered.traced)
 

@@ -5,13 +5,18 @@ same kind of array. The input is copied into one staging tensor that the module 
 tensor per call (600 KB for a 224x224 image) cost its page faults on every call, 3-5% of a
 ResNet-18 W2A2 call. A module runs one call at a time, as TVM's virtual machine does.
 ``integer_activations`` runs the ``trace`` function and returns every value by name, which is
-how :func:`qcompile.verify` checks it against the simulated model. ``save`` writes a ``.qc``
+how :func:`qcompile.verify` checks it against the simulated model. ``profile`` times every
+kernel call of the program (the Relax virtual machine's instrument hook) and returns a
+:class:`Profile`, which ``qcompile run --profile`` prints. ``save`` writes a ``.qc``
 artifact (:mod:`qcompile.artifact`): the exported library, the parameters as ``params.npz`` and
 the manifest; :func:`load` runs it in any process that has qcompile and TVM.
 """
 
+import collections
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +26,57 @@ from tvm import relax
 
 import qcompile
 from qcompile import artifact
-from qcompile.errors import ArtifactError, InputError
+from qcompile.errors import ArtifactError, ConfigError, InputError
 
 LIBRARY = "model.so"
 PARAMS = "params.npz"
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """One kernel call of the program: its position, what it computes, and its median time."""
+
+    position: int
+    """The call's place in the program the manifest lists (``program``)."""
+    kernel: str
+    value: str
+    """The value the call computes (a layer's output, a requantization, ...); empty for an
+    artifact saved before manifests listed the program."""
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where a call's time goes: every kernel call, in program order, and the whole call."""
+
+    kernels: list[KernelTime]
+    call_seconds: float
+    """Median wall time of a call made without the instrument hook."""
+    calls: int
+
+    @property
+    def kernel_seconds(self) -> float:
+        return sum(k.seconds for k in self.kernels)
+
+    def table(self, top: int | None = 15) -> str:
+        """The ``top`` slowest kernel calls (all of them with ``top=None``) as text."""
+        total = self.kernel_seconds
+        ranked = sorted(self.kernels, key=lambda k: k.seconds, reverse=True)
+        shown = ranked if top is None else ranked[:top]
+        width = max([len("value"), *(len(k.value) for k in shown)])
+        lines = [f"profile: median of {self.calls} calls; a call takes "
+                 f"{self.call_seconds * 1e3:.3f} ms, its {len(self.kernels)} kernel calls "
+                 f"{total * 1e3:.3f} ms",
+                 f"{'#':>4} {'ms':>8} {'share':>6}  {'value':{width}} kernel"]
+        for k in shown:
+            lines.append(f"{k.position:4d} {k.seconds * 1e3:8.3f} {k.seconds / total:6.1%}  "
+                         f"{k.value:{width}} {k.kernel}")
+        rest = ranked[len(shown):]
+        if rest:
+            seconds = sum(k.seconds for k in rest)
+            lines.append(f"     {seconds * 1e3:8.3f} {seconds / total:6.1%}  "
+                         f"({len(rest)} more kernel calls)")
+        return "\n".join(lines)
 
 
 class CompiledModule:
@@ -88,6 +140,62 @@ class CompiledModule:
             value = torch.from_numpy(values[k].numpy())
             result[name] = value if value.is_floating_point() else value.long()
         return result
+
+    def profile(self, x=None, calls: int = 20) -> Profile:
+        """Time every kernel call of ``main`` on ``x`` (zeros of the input shape by default):
+        the median over ``calls`` instrumented calls of each kernel call, timed around the call
+        by the virtual machine's instrument hook (a few microseconds of hook each), and the
+        median of as many calls made without the hook, interleaved with them."""
+        if calls < 1:
+            raise ConfigError(f"profile needs at least one call, got calls={calls}")
+        vm = self._machine()
+        if x is None:
+            x = np.zeros(self.input_shape, dtype=np.float32)
+        data, _ = self._input(x)
+        main = vm["main"]
+        started: list[float] = []
+        order: list[tuple[str, float]] = []
+
+        def hook(func, symbol, before, ret, *args):
+            if before:
+                started.append(time.perf_counter())
+            elif not symbol.startswith("vm.builtin."):
+                order.append((symbol, time.perf_counter() - started.pop()))
+            else:
+                started.pop()
+
+        main(data, *self._params)
+        times: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
+        plain = []
+        try:
+            for _ in range(calls):
+                order.clear()
+                vm.set_instrument(hook)
+                main(data, *self._params)
+                vm.set_instrument(None)
+                for position, (symbol, seconds) in enumerate(order):
+                    times[(position, symbol)].append(seconds)
+                start = time.perf_counter()
+                main(data, *self._params)
+                plain.append(time.perf_counter() - start)
+        finally:
+            vm.set_instrument(None)
+        return Profile(self._named(times), statistics.median(plain), calls)
+
+    def _named(self, times: dict[tuple[int, str], list[float]]) -> list[KernelTime]:
+        """Kernel calls named by the program the manifest lists, whose positions they take.
+        TVM runs some listed calls (a reshape) as a builtin, not a kernel, so the calls are
+        matched in order; an artifact without the list keeps call numbers and no names."""
+        program = self.manifest.get("program", [])
+        kernels, step = [], 0
+        for (number, symbol), seconds in sorted(times.items()):
+            while step < len(program) and program[step]["kernel"] != symbol:
+                step += 1
+            listed = step < len(program)
+            position, value = (step, program[step]["value"]) if listed else (number, "")
+            kernels.append(KernelTime(position, symbol, value, statistics.median(seconds)))
+            step += 1
+        return kernels
 
     def benchmark(self, repeat: int = 20) -> float:
         """Median seconds of one call on zeros of the input shape."""

@@ -51,6 +51,8 @@ class Lowered:
     output_shape: tuple[int, ...]
     traced: list[str]
     kernels: dict[str, str] = field(default_factory=dict)
+    program: list[tuple[str, str]] = field(default_factory=list)
+    """``main``'s kernel calls in order: (the value a call computes, the kernel's symbol)."""
 
 
 def lower(graph: ir.IntegerGraph, input_shape: tuple[int, ...], target: tvm.target.Target
@@ -63,8 +65,9 @@ def lower(graph: ir.IntegerGraph, input_shape: tuple[int, ...], target: tvm.targ
     builder = _Builder(graph, shapes, target)
     builder.plan()
     module = builder.build(input_shape)
+    program = [(call.value, call.symbol) for call in builder.calls if not call.trace_only]
     return Lowered(module, builder.params, tuple(input_shape), shapes[graph.output],
-                   builder.traced, builder.kernel_kinds)
+                   builder.traced, builder.kernel_kinds, program)
 
 
 class _Builder:

@@ -116,6 +116,30 @@ def test_torch_and_numpy_inputs_and_their_errors(saved):
         compiled([[0.0]])
 
 
+def test_profile_times_every_kernel_call_of_the_program(saved):
+    compiled, path, x = saved
+    for module in (compiled, qcompile.load(path)):
+        profile = module.profile(x.numpy(), calls=3)
+        program = module.manifest["program"]
+        # every listed call but the flatten, which TVM runs as its reshape builtin
+        listed = [k for k, step in enumerate(program) if not step["kernel"].startswith("reshape")]
+        assert len(listed) == len(program) - 1 > 4
+        assert [k.position for k in profile.kernels] == listed
+        assert [k.kernel for k in profile.kernels] == [program[k]["kernel"] for k in listed]
+        assert [k.value for k in profile.kernels] == [program[k]["value"] for k in listed]
+        assert all(k.seconds > 0 for k in profile.kernels) and profile.call_seconds > 0
+    lines = profile.table(top=3).splitlines()
+    assert lines[0].startswith(f"profile: median of 3 calls") and len(lines) == 2 + 3 + 1
+    shown = [float(line.split()[1]) for line in lines[2:5]]
+    assert shown == sorted(shown, reverse=True)
+    assert lines[5].endswith(f"({len(listed) - 3} more kernel calls)")
+    assert len(profile.table(top=None).splitlines()) == 2 + len(listed)
+    with pytest.raises(ConfigError, match="at least one call"):
+        compiled.profile(calls=0)
+    with pytest.raises(InputError, match="shape must be"):
+        compiled.profile(np.zeros((2, 1, 28, 28), np.float32))
+
+
 def test_corrupt_or_foreign_artifacts_are_clear_errors(saved, tmp_path):
     _, path, _ = saved
     truncated = tmp_path / "truncated.qc"

@@ -65,6 +65,18 @@ def test_run_prints_classes_and_writes_the_output(artifact):
     assert np.array_equal(y, qcompile.load(folder / "model.qc")(x))
 
 
+def test_run_profiles_the_kernels_on_request(artifact):
+    folder, _ = artifact
+    np.save(folder / "xp.npy", np.zeros((1, 1, 28, 28), np.float32))
+    result = run_cli("run", "model.qc", "--input", "xp.npy", "--profile", "2", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("0: class ") and lines[1].startswith("profile: median of 2 calls")
+    assert any("bitserial_conv" in line for line in lines[3:])
+    one_line_error(run_cli("run", "model.qc", "--input", "xp.npy", "--profile", "0",
+                           cwd=folder), "at least one call")
+
+
 def test_run_rejects_a_wrong_input_in_one_line(artifact):
     folder, _ = artifact
     np.save(folder / "wrong.npy", np.zeros((2, 1, 28, 28), np.float32))
