@@ -144,8 +144,9 @@ class CompiledModule:
     def profile(self, x=None, calls: int = 20) -> Profile:
         """Time every kernel call of ``main`` on ``x`` (zeros of the input shape by default):
         the median over ``calls`` instrumented calls of each kernel call, timed around the call
-        by the virtual machine's instrument hook (a few microseconds of hook each), and the
-        median of as many calls made without the hook, interleaved with them."""
+        by the virtual machine's instrument hook (a few microseconds of hook each; on a GPU the
+        hook waits for the device around each call), and the median of as many calls made
+        without the hook, interleaved with them."""
         if calls < 1:
             raise ConfigError(f"profile needs at least one call, got calls={calls}")
         vm = self._machine()
@@ -156,7 +157,11 @@ class CompiledModule:
         started: list[float] = []
         order: list[tuple[str, float]] = []
 
+        gpu = self.manifest["target"]["kind"] == "cuda"
+
         def hook(func, symbol, before, ret, *args):
+            if gpu:
+                self.device.sync()
             if before:
                 started.append(time.perf_counter())
             elif not symbol.startswith("vm.builtin."):
@@ -177,6 +182,8 @@ class CompiledModule:
                     times[(position, symbol)].append(seconds)
                 start = time.perf_counter()
                 main(data, *self._params)
+                if gpu:
+                    self.device.sync()
                 plain.append(time.perf_counter() - start)
         finally:
             vm.set_instrument(None)

@@ -193,3 +193,7 @@ def test_cuda_execution_matches_the_reference():
     graph = qcompile.integerize(qm)
     compiled = qcompile.compile(graph, "cuda", input_shape=tuple(x[:1].shape))
     assert_bit_exact(qm, x[:1], compiled)
+    profile = compiled.profile(x[:1].numpy(), calls=2)
+    program = [step["kernel"] for step in compiled.manifest["program"]]
+    kernels = [k for k in program if not k.startswith("reshape")]
+    assert [k.kernel for k in profile.kernels] == kernels
