@@ -30,8 +30,7 @@ which differs only exactly at a threshold.
 :meth:`set_temperature` sets ``T``. The soft function holds one sigmoid per threshold for every
 element, so its cost grows with ``2^b``: fine at the 2-4 bits the method targets; at 6-8 bits
 (the first and last layers) it sums only the sigmoids of a window of thresholds around each
-element, to within a proven bound of the full sum, and at 2-4 bits it shares one exponential
-per element between the sigmoids while the temperature allows (:meth:`soft`). The learned
+element, to within a proven bound of the full sum (:meth:`soft`). The learned
 thresholds are not tied to the output levels, so a level may sit outside its own decision
 interval: QN is not a projection (:attr:`projection`), and the thresholds are left as learned
 rather than forced between the levels.
@@ -59,7 +58,6 @@ from torch import nn
 from qcompile.quant.base import IntegerSpec, Quantizer, replace_gradient
 from qcompile.quant.fit import best_steps
 from qcompile.quant.registry import register_method
-from qcompile.quant.sigmoid_sum import SharedExponentialSum, shares_exponential
 from qcompile.quant.sigmoid_window import choose_half_width, window_sum
 
 MIN_SCALE = 1e-8
@@ -94,12 +92,10 @@ class QNQuantizer(Quantizer):
         midpoints = (values[1:] + values[:-1]).float() / 2
         self.biases = nn.Parameter(midpoints.repeat(self.channels, 1))
         self.soft_half_width: int | None = None
-        self.soft_shared = False
 
     def set_temperature(self, temperature: float) -> "QNQuantizer":
         """Set the sigmoids' temperature ``T``; the paper raises it during training."""
         self.temperature.fill_(float(temperature))
-        self.soft_shared = False
         return self
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,10 +140,7 @@ class QNQuantizer(Quantizer):
         fewer than :data:`UNROLLED_STEPS` one by one, each an elementwise operation on ``x``, so
         there is no (elements, thresholds) temporary, whose memory traffic dominates in eager
         mode and whose gradient for the biases ``torch.compile`` turns into a slow strided
-        reduction; and while ``T`` times the thresholds' span allows
-        (:func:`~qcompile.quant.sigmoid_sum.shares_exponential`), with one exponential per
-        element for all of them (:mod:`qcompile.quant.sigmoid_sum`; a compiled W4A4 small-CNN
-        step 47.6 -> 41.4 ms at ``T = 1``).
+        reduction.
         """
         shape = self.param_shape(x)
         scaled = beta.reshape(shape) * x
@@ -161,9 +154,7 @@ class QNQuantizer(Quantizer):
                 total = window_sum(scaled, ordered, self.temperature, half_width, axis)
                 return alpha.reshape(shape) * (total + self.values[0])
         heights = self.step_heights()
-        if count < UNROLLED_STEPS and self.shares_exponential():
-            total = SharedExponentialSum.apply(scaled, biases, self.temperature, heights)
-        elif count < UNROLLED_STEPS:
+        if count < UNROLLED_STEPS:
             total = torch.zeros_like(scaled)
             for k in range(count):
                 total = total + heights[k] * torch.sigmoid(self.temperature
@@ -172,15 +163,6 @@ class QNQuantizer(Quantizer):
             steps = torch.sigmoid(self.temperature * (scaled.unsqueeze(-1) - biases))
             total = (steps * heights).sum(dim=-1)
         return alpha.reshape(shape) * (total + self.values[0])
-
-    def shares_exponential(self) -> bool:
-        """Whether this call sums with one exponential per element
-        (:mod:`qcompile.quant.sigmoid_sum`): decided from the thresholds now in eager mode;
-        under ``torch.compile`` as :meth:`refresh_window` decided before the step (False, the
-        sum term by term, if it never ran since the temperature was last set)."""
-        if torch.compiler.is_compiling():
-            return self.soft_shared
-        return shares_exponential(self.biases, float(self.temperature))
 
     def window_half_width(self, ordered: torch.Tensor) -> int | None:
         """The window for this call: chosen from the thresholds now in eager mode; under
@@ -197,10 +179,7 @@ class QNQuantizer(Quantizer):
         compiled step. The choice is a function of the parameters and ``T`` alone, so a resumed
         run chooses what the uninterrupted one did."""
         self.soft_half_width = None
-        count = self.biases.shape[-1]
-        self.soft_shared = count < UNROLLED_STEPS and shares_exponential(
-            self.biases, float(self.temperature))
-        if count >= WINDOWED_STEPS:
+        if self.biases.shape[-1] >= WINDOWED_STEPS:
             ordered = self.biases.sort(dim=-1).values
             self.soft_half_width = choose_half_width(ordered, float(self.temperature))
 
