@@ -5,7 +5,8 @@ weights hardly do, and cost little time to try) of
 
 - ``manifest.json``: ``format`` (this module's :data:`FORMAT`), the qcompile and backend
   versions, the target, input and output shapes and dtypes, per-layer bits, methods and kernel
-  kinds, sizes, and what else the compiler measured;
+  kinds, the program's kernel calls in order (``program``: the value each computes and its
+  kernel, which a profile names its rows by), sizes, and what else the compiler measured;
 - the backend's files, e.g. ``model.so`` (the exported library) and ``params.npz`` (packed
   weights, thresholds and scales).
 
