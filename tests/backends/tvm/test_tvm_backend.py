@@ -134,6 +134,12 @@ def test_profile_times_every_kernel_call_of_the_program(saved):
     assert shown == sorted(shown, reverse=True)
     assert lines[5].endswith(f"({len(listed) - 3} more kernel calls)")
     assert len(profile.table(top=None).splitlines()) == 2 + len(listed)
+    older = qcompile.load(path)  # an artifact saved before manifests listed the program
+    del older.manifest["program"]
+    unnamed = older.profile(x.numpy(), calls=1).kernels
+    assert [k.position for k in unnamed] == list(range(len(listed)))
+    assert [k.kernel for k in unnamed] == [k.kernel for k in profile.kernels]
+    assert {k.value for k in unnamed} == {""}
     with pytest.raises(ConfigError, match="at least one call"):
         compiled.profile(calls=0)
     with pytest.raises(InputError, match="shape must be"):
