@@ -129,7 +129,7 @@ def test_profile_times_every_kernel_call_of_the_program(saved):
         assert [k.value for k in profile.kernels] == [program[k]["value"] for k in listed]
         assert all(k.seconds > 0 for k in profile.kernels) and profile.call_seconds > 0
     lines = profile.table(top=3).splitlines()
-    assert lines[0].startswith(f"profile: median of 3 calls") and len(lines) == 2 + 3 + 1
+    assert lines[0].startswith("profile: median of 3 calls") and len(lines) == 2 + 3 + 1
     shown = [float(line.split()[1]) for line in lines[2:5]]
     assert shown == sorted(shown, reverse=True)
     assert lines[5].endswith(f"({len(listed) - 3} more kernel calls)")
