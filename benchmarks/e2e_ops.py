@@ -28,9 +28,7 @@ GROUPS = ["first conv (8-bit)", "3x3 convs", "1x1 convs", "max pool", "classifie
           "input quantize", "glue"]
 
 
-def ours_group(symbol: str) -> str | None:
-    if symbol.startswith("vm.builtin"):
-        return None
+def ours_group(symbol: str) -> str:
     if symbol.startswith("bitserial_conv"):
         return "1x1 convs" if re.search(r"_\d+x\d+x1x1_", symbol) else "3x3 convs"
     prefixes = {"direct_conv": "first conv (8-bit)", "direct_dense": "classifier",
@@ -55,22 +53,15 @@ def ort_group(node: str) -> str:
 
 def ours(compiled, x: np.ndarray, calls: int) -> dict[str, float]:
     """Median time of each kernel call, grouped (``CompiledModule.profile``)."""
-    profile = compiled.profile(x, calls=calls)
-    groups = collections.Counter()
-    for kernel in profile.kernels:
-        group = ours_group(kernel.kernel)
-        if group:
-            groups[group] += kernel.seconds * 1e6
-    return dict(groups)
+    kernels = compiled.profile(x, calls=calls).kernels
+    return _grouped({(k.position, k.kernel): [k.seconds] for k in kernels}, ours_group)
 
 
 def _grouped(times: dict, group_of) -> dict[str, float]:
     """Microseconds per group: the sum of each op's median seconds."""
     groups = collections.Counter()
     for (_, name), values in times.items():
-        group = group_of(name)
-        if group:
-            groups[group] += float(np.median(values)) * 1e6
+        groups[group_of(name)] += float(np.median(values)) * 1e6
     return dict(groups)
 
 

@@ -156,7 +156,6 @@ class CompiledModule:
         main = vm["main"]
         started: list[float] = []
         order: list[tuple[str, float]] = []
-
         gpu = self.manifest["target"]["kind"] == "cuda"
 
         def hook(func, symbol, before, ret, *args):
