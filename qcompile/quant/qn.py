@@ -86,6 +86,9 @@ class QNQuantizer(Quantizer):
         else:
             values = torch.arange(0, 2**bits)
         self.register_buffer("values", values, persistent=False)
+        # The step heights s_i and v_0 = -o as numbers: constants of a compiled graph.
+        self.heights = [int(h) for h in values[1:] - values[:-1]]
+        self.lowest = int(values[0])
         self.register_buffer("temperature", torch.tensor(1.0))
         self.log_alpha = nn.Parameter(torch.zeros(self.channels))
         self.log_beta = nn.Parameter(torch.zeros(self.channels))
@@ -140,7 +143,11 @@ class QNQuantizer(Quantizer):
         fewer than :data:`UNROLLED_STEPS` one by one, each an elementwise operation on ``x``, so
         there is no (elements, thresholds) temporary, whose memory traffic dominates in eager
         mode and whose gradient for the biases ``torch.compile`` turns into a slow strided
-        reduction.
+        reduction. Each term reads its threshold as a column ``biases[:, k]`` and its step height
+        as a number: indexing the last axis of the broadcast biases, or multiplying by an element
+        of a heights tensor, made inductor store every term's gradient and reduce it in a second
+        pass (a compiled 4-bit activation quantizer's forward and backward on 64x16x28x28,
+        18.4 -> 9.7 ms).
         """
         shape = self.param_shape(x)
         scaled = beta.reshape(shape) * x
@@ -153,16 +160,17 @@ class QNQuantizer(Quantizer):
                 axis = self.channel_axis if self.per_channel else None
                 total = window_sum(scaled, ordered, self.temperature, half_width, axis)
                 return alpha.reshape(shape) * (total + self.values[0])
-        heights = self.step_heights()
         if count < UNROLLED_STEPS:
-            total = torch.zeros_like(scaled)
-            for k in range(count):
-                total = total + heights[k] * torch.sigmoid(self.temperature
-                                                           * (scaled - biases[..., k]))
+            total = None
+            for k, height in enumerate(self.heights):
+                term = torch.sigmoid(self.temperature
+                                     * (scaled - self.biases[:, k].reshape(shape)))
+                term = term if height == 1 else height * term
+                total = term if total is None else total + term
         else:
             steps = torch.sigmoid(self.temperature * (scaled.unsqueeze(-1) - biases))
-            total = (steps * heights).sum(dim=-1)
-        return alpha.reshape(shape) * (total + self.values[0])
+            total = (steps * self.step_heights()).sum(dim=-1)
+        return alpha.reshape(shape) * (total + self.lowest)
 
     def window_half_width(self, ordered: torch.Tensor) -> int | None:
         """The window for this call: chosen from the thresholds now in eager mode; under

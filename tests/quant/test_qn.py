@@ -42,6 +42,19 @@ def test_soft_forward_is_the_papers_sigmoid_sum():
     torch.testing.assert_close(q(x), expected)
 
 
+def test_binary_soft_forward_has_a_step_of_two():
+    """Binary weights {-1, 1}: one sigmoid of height s_1 = 2, offset o = 1, per channel."""
+    q = make_quantizer("qn", "weight", 1, signed=True, per_channel=True, channels=2)
+    set_function(q, 0.5, 1.5, [0.2])
+    with torch.no_grad():
+        q.biases[1].fill_(-0.3)
+    q.set_temperature(4.0)
+    x = torch.linspace(-2, 2, 202).reshape(2, -1)
+    biases = torch.tensor([[0.2], [-0.3]])
+    expected = 0.5 * (2 * torch.sigmoid(4.0 * (1.5 * x - biases)) - 1)
+    torch.testing.assert_close(q(x), expected)
+
+
 def test_hard_forward_is_the_unit_step_sum():
     q = set_function(make_quantizer("qn", "activation", 2, signed=False), 0.5, 4.0,
                      [0.6, 1.3, 3.1])
