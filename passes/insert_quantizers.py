@@ -6,7 +6,11 @@ weight quantizer; a fused conv-BN gets its ``weight_quantizer`` set, so the fold
 is quantized. Each layer's input gets an activation quantizer node, shared by every layer that
 reads the same tensor at the same bit-width. Bits come from ``node.meta["quant"]`` as written by
 ``assign-bits`` (else the uniform policy: ``bits``, first and last layer ``first_last_bits``);
-``method`` and ``per_channel`` come from the pipeline configuration.
+``method`` and ``per_channel`` come from the pipeline configuration; ``first_last_method`` (default
+``method``) quantizes the first and last layer, weights and input, with another method: their 8
+bits are deployment's choice, not the seed papers' (which keep them in float), and a method
+whose training cost grows with ``2^b`` (Quantization Networks' sigmoids) spends most of a small
+model's step there.
 
 Initialisation follows each method's paper through its quantizer's ``initialize``: weight
 quantizers from the float weights, activation quantizers from the activations that calibration
@@ -43,11 +47,14 @@ def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ctx.note("no quantizable layers")
         return gm
     _default_bits(sites, ctx)
+    edge_method = get_method(ctx.option("first_last_method") or method).name
+    methods = {site.name: edge_method if index in (0, len(sites) - 1) else method
+               for index, site in enumerate(sites)}
     for site in sites:
-        _quantize_weight(gm, site, method, per_channel)
-    inputs = _insert_input_nodes(gm, sites)
+        _quantize_weight(gm, site, methods[site.name], per_channel)
+    inputs = _insert_input_nodes(gm, sites, methods)
     gm.recompile()
-    _calibrate_inputs(gm, inputs, method, ctx)
+    _calibrate_inputs(gm, inputs, methods, ctx)
     gm.graph.lint()
     gm.recompile()
     ctx.note(f"{method}: {len(sites)} layers, {len(inputs)} input quantizers")
@@ -78,29 +85,34 @@ def _quantize_weight(gm: fx.GraphModule, site: LayerSite, method: str, per_chann
     meta.update(method=method, per_channel=per_channel)
 
 
-def _insert_input_nodes(gm: fx.GraphModule, sites: list[LayerSite]) -> dict[str, fx.Node]:
-    """One quantizer node per (input tensor, bit-width); returns them by submodule name."""
+def _insert_input_nodes(gm: fx.GraphModule, sites: list[LayerSite],
+                        methods: dict[str, str]) -> dict[str, fx.Node]:
+    """One quantizer node per (input tensor, bit-width, method); returns them by submodule
+    name."""
     gm.add_module(CONTAINER, nn.Module())
-    made: dict[tuple[fx.Node, int], fx.Node] = {}
+    made: dict[tuple[fx.Node, int, str], fx.Node] = {}
     for site in sites:
         source, bits = site.node.args[0], site.node.meta["quant"]["act_bits"]
-        if (source, bits) not in made:
+        key = (source, bits, methods[site.name])
+        if key not in made:
             name = f"{site.name.replace('.', '_')}_input"
             gm.get_submodule(CONTAINER).add_module(name, nn.Identity())
             with gm.graph.inserting_after(source):
-                made[(source, bits)] = gm.graph.call_module(f"{CONTAINER}.{name}", (source,))
-            made[(source, bits)].meta["quant_input"] = {"bits": bits, "layers": []}
-        node = made[(source, bits)]
+                made[key] = gm.graph.call_module(f"{CONTAINER}.{name}", (source,))
+            made[key].meta["quant_input"] = {"bits": bits, "layers": []}
+        node = made[key]
         node.meta["quant_input"]["layers"].append(site.name)
         site.node.replace_input_with(source, node)
     return {node.target: node for node in made.values()}
 
 
-def _calibrate_inputs(gm, inputs: dict[str, fx.Node], method: str, ctx: PassContext) -> None:
+def _calibrate_inputs(gm, inputs: dict[str, fx.Node], methods: dict[str, str],
+                      ctx: PassContext) -> None:
     batches = batches_for(ctx, int(ctx.option("calib_examples", 64)), "activation calibration")
     seen = record_inputs(gm, list(inputs), batches)
     for name, node in inputs.items():
         bits = node.meta["quant_input"]["bits"]
+        method = methods[node.meta["quant_input"]["layers"][0]]
         quantizer, fell_back = calibrated_activation_quantizer(method, bits, seen[name])
         if fell_back:
             ctx.note(f"{name}: {method} has no signed activations; LSQ quantizes this input")

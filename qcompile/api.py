@@ -18,6 +18,7 @@ def quantize(
     method: str = "qil",
     calib_data: Iterable | None = None,
     first_last_bits: int = 8,
+    first_last_method: str | None = None,
     per_channel: bool = True,
     passes: str | Sequence[str | PassSpec] | None = None,
     budget: dict | None = None,
@@ -30,9 +31,13 @@ def quantize(
     assign-bits, insert-quantizers). ``budget`` switches assign-bits to its sensitivity policy:
     ``{"size": 0.1}`` (fraction of fp32 weight bytes) or ``{"bops": 0.02}``, with optional
     ``"bits_choices": "2,3,4,8"``. ``calib_data`` is an iterable of input tuples (or tensors).
+    ``first_last_method`` quantizes the first and last layers with another method than
+    ``method`` (``"lsq"``: a learned uniform step for their 8 bits).
     """
     config = dict(bits=bits, method=method, first_last_bits=first_last_bits,
                   per_channel=per_channel)
+    if first_last_method is not None:
+        config["first_last_method"] = first_last_method
     if calib_data is not None:
         config["calib_data"] = list(calib_data)
     config.update(_budget_options(budget))

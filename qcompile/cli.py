@@ -123,6 +123,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                         help="quantization method (default qil)")
     parser.add_argument("--first-last-bits", type=_bits, default=8,
                         help="bit-width of the first and last layers (default 8)")
+    parser.add_argument("--first-last-method", choices=available_methods(),
+                        help="quantization method of the first and last layers (default: "
+                        "--method)")
     parser.add_argument("--per-tensor", action="store_true",
                         help="one weight scale per layer instead of per output channel")
     budget = parser.add_mutually_exclusive_group()
@@ -225,6 +228,8 @@ def _write_artifact(result: fx.GraphModule, path: Path, target: str, example: tu
 def _quantization_options(args: argparse.Namespace) -> dict:
     options = dict(bits=args.bits, method=args.method, first_last_bits=args.first_last_bits,
                    per_channel=not args.per_tensor)
+    if args.first_last_method:
+        options["first_last_method"] = args.first_last_method
     if args.budget_size is not None or args.budget_bops is not None:
         options.update(budget_size=args.budget_size, budget_bops=args.budget_bops,
                        bits_choices=args.bits_choices)

@@ -340,3 +340,15 @@ def test_unknown_method_is_one_line(tmp_path, small_weights, monkeypatch, capsys
     code, _, err = run_main(monkeypatch, capsys, tmp_path, "small.pt", "--arch", SMALL_ARCH,
                             "--method", "nope")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "qil" in err
+
+
+def test_first_last_method_reaches_the_table(tmp_path, small_weights, monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, tmp_path, "small.pt", "--arch", SMALL_ARCH,
+                            "--input-shape", SMALL_SHAPE, "--method", "qn",
+                            "--first-last-method", "lsq")
+    assert code == 0
+    table = out.split("\npasses:\n")[1].splitlines()
+    header = next(line for line in table if line.startswith("layer "))
+    rows = [line for line in table if line.startswith(("conv", "fc"))]
+    methods = [line[header.index("method"):].split()[0] for line in rows]
+    assert methods[0] == methods[-1] == "lsq" and set(methods[1:-1]) == {"qn"}

@@ -5,6 +5,7 @@ from torch import nn
 
 import qcompile
 from batch_norms import with_batch_statistics
+from qcompile.errors import ConfigError
 from qcompile.fused import ConvBatchNorm
 from qcompile.models import SmallCNN
 from qcompile.quant import Quantizer, available_methods
@@ -60,6 +61,24 @@ def test_eight_bit_model_stays_close_to_float(method):
     with torch.no_grad():
         error = (gm(x) - model(x)).norm() / model(x).norm()
     assert error < 0.05
+
+
+@pytest.mark.parametrize("method", ["qn", "qil"])
+def test_first_and_last_layers_can_take_another_method(method):
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 28, 28)
+    gm = quantized(SmallCNN(), x, method=method, bits=2, first_last_method="lsq")
+    sites = quantizable_layers(gm)
+    assert [s.module.weight_quantizer.method for s in sites] == ["lsq", method, method, "lsq"]
+    inputs = [gm.get_submodule(s.node.args[0].target) for s in sites]
+    assert [q.method for q in inputs] == ["lsq", method, method, "lsq"]
+    assert [q.bits for q in inputs] == [8, 2, 2, 8]
+    assert torch.isfinite(gm(x)).all()
+
+
+def test_unknown_first_last_method_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown quantization method .lqs."):
+        quantized(SmallCNN(), torch.randn(2, 1, 28, 28), method="qn", first_last_method="lqs")
 
 
 def test_input_quantizer_is_shared_by_layers_reading_one_tensor():
