@@ -5,8 +5,9 @@ each method quantizes it (first and last layer 8-bit) at W4A4 and W2A2 and train
 loop, distilling from the float model (``--progressive`` adds progressive quantization, 8 -> 4 ->
 2 bits, to the W2A2 runs). Prints one row per run: accuracy before and after QAT, the float accuracy, and the median
 training-step time as a ratio to the float model's step (both measured by the same loop in this
-process). Usage: ``python benchmarks/qat_mnist.py [--epochs N] [--methods qil,lsq] [--bits 4,2]
-[--progressive] [--learn-input-quantizers]``.
+process). A method written ``qn:lsq`` quantizes the first and last layers with the second method
+(``quantize(first_last_method=...)``). Usage: ``python benchmarks/qat_mnist.py [--epochs N]
+[--methods qil,lsq,qn:lsq] [--bits 4,2] [--progressive] [--learn-input-quantizers]``.
 """
 
 import argparse
@@ -63,25 +64,32 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
-def run(method, bits, float_graph, train, test, calibration, args) -> dict:
+def run(spec, bits, float_graph, train, test, calibration, args) -> dict:
     start = time.perf_counter()
     example = (train[0][:1],)
-    qm = qcompile.quantize(float_graph, example, bits=bits, method=method, calib_data=calibration)
+    qm = quantized(float_graph, example, bits, spec, calibration)
     schedules = qcompile.qat.default_schedules(qm)
     if bits == 2 and args.progressive:
         schedules.append(ProgressiveBits(stages=(8, 4, 2)))
     history = qcompile.train(qm, train, test, epochs=args.epochs, lr=1e-3, teacher=float_graph,
                              schedules=schedules, calib_data=calibration, seed=args.seed,
                              progress=False, learn_input_quantizers=args.learn_input_quantizers)
-    before = accuracy_at(float_graph, example, bits, method, calibration, test)
+    before = accuracy_at(float_graph, example, bits, spec, calibration, test)
     return {"before": before, "after": history.final_val_accuracy,
             "step": history.median_step_seconds, "seconds": time.perf_counter() - start}
 
 
+def quantized(float_graph, example, bits, spec, calibration):
+    """The graph quantized by ``spec``: a method, or ``method:first_last_method``."""
+    method, _, edges = spec.partition(":")
+    return qcompile.quantize(float_graph, example, bits=bits, method=method,
+                             first_last_method=edges or None, calib_data=calibration)
+
+
 @torch.no_grad()
-def accuracy_at(float_graph, example, bits, method, calibration, test) -> float:
+def accuracy_at(float_graph, example, bits, spec, calibration, test) -> float:
     """Accuracy of the model quantized straight to ``bits`` and calibrated, before any QAT."""
-    qm = qcompile.quantize(float_graph, example, bits=bits, method=method, calib_data=calibration)
+    qm = quantized(float_graph, example, bits, spec, calibration)
     qm.eval()
     return (qm(test[0]).argmax(dim=1) == test[1]).float().mean().item()
 

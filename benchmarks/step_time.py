@@ -13,7 +13,9 @@ Quantizers with a temperature (Quantization Networks) keep the one given by ``--
 (default 1, the first epoch of the default annealing, where the sigmoids are widest and the
 soft function costs most; 19 is the second epoch of a 12-epoch run, from which on every quantizer
 sums only a few sigmoids per element).
-Usage: ``python benchmarks/step_time.py [--methods lsq,qil] [--bits 4,2] [--rounds 5]
+A method written ``qn:lsq`` quantizes the first and last layers with the second method
+(``quantize(first_last_method=...)``).
+Usage: ``python benchmarks/step_time.py [--methods lsq,qil,qn:lsq] [--bits 4,2] [--rounds 5]
 [--steps 12] [--modes eager,compiled] [--temperature 1] [--learn-input-quantizers]``.
 """
 
@@ -83,7 +85,9 @@ def main() -> None:
         configs.append(Config("float", None, qcompile.trace(model, example), compiled))
         for bits in (int(b) for b in args.bits.split(",")):
             for method in args.methods.split(","):
-                quantized = qcompile.quantize(model, example, bits=bits, method=method,
+                name, _, edges = method.partition(":")
+                quantized = qcompile.quantize(model, example, bits=bits, method=name,
+                                              first_last_method=edges or None,
                                               calib_data=calibration)
                 for quantizer in annealable_quantizers(quantized):
                     quantizer.set_temperature(args.temperature)
