@@ -8,9 +8,8 @@ reads the same tensor at the same bit-width. Bits come from ``node.meta["quant"]
 ``assign-bits`` (else the uniform policy: ``bits``, first and last layer ``first_last_bits``);
 ``method`` and ``per_channel`` come from the pipeline configuration; ``first_last_method`` (default
 ``method``) quantizes the first and last layer, weights and input, with another method: their 8
-bits are deployment's choice, not the seed papers' (which keep them in float), and a method
-whose training cost grows with ``2^b`` (Quantization Networks' sigmoids) spends most of a small
-model's step there.
+bits are a deployment choice rather than part of a method, and a method whose training cost
+grows with ``2^b`` (Quantization Networks' sigmoids) spends much of a small model's step there.
 
 Initialisation follows each method's paper through its quantizer's ``initialize``: weight
 quantizers from the float weights, activation quantizers from the activations that calibration
