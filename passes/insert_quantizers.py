@@ -56,7 +56,8 @@ def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     _calibrate_inputs(gm, inputs, methods, ctx)
     gm.graph.lint()
     gm.recompile()
-    ctx.note(f"{method}: {len(sites)} layers, {len(inputs)} input quantizers")
+    edges = f" (first and last: {edge_method})" if edge_method != method else ""
+    ctx.note(f"{method}: {len(sites)} layers{edges}, {len(inputs)} input quantizers")
     return gm
 
 

@@ -67,7 +67,9 @@ def test_eight_bit_model_stays_close_to_float(method):
 def test_first_and_last_layers_can_take_another_method(method):
     torch.manual_seed(0)
     x = torch.randn(16, 1, 28, 28)
-    gm = quantized(SmallCNN(), x, method=method, bits=2, first_last_method="lsq")
+    ctx = qcompile.PassContext()
+    gm = quantized(SmallCNN(), x, ctx=ctx, method=method, bits=2, first_last_method="lsq")
+    assert f"{method}: 4 layers (first and last: lsq)" in ctx.records[-1].notes[-1]
     sites = quantizable_layers(gm)
     assert [s.module.weight_quantizer.method for s in sites] == ["lsq", method, method, "lsq"]
     inputs = [gm.get_submodule(s.node.args[0].target) for s in sites]
