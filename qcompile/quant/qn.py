@@ -146,8 +146,8 @@ class QNQuantizer(Quantizer):
         reduction. Each term reads its threshold as a column ``biases[:, k]`` and its step height
         as a number: indexing the last axis of the broadcast biases, or multiplying by an element
         of a heights tensor, made inductor store every term's gradient and reduce it in a second
-        pass (a compiled 4-bit activation quantizer's forward and backward on 64x16x28x28,
-        18.4 -> 9.7 ms).
+        pass (a compiled activation quantizer's forward and backward on 64x16x28x28: 2-bit
+        5.5 -> 3.2 ms, 4-bit 17.0 -> 11.1 ms).
         """
         shape = self.param_shape(x)
         scaled = beta.reshape(shape) * x
@@ -159,7 +159,7 @@ class QNQuantizer(Quantizer):
             if half_width is not None:
                 axis = self.channel_axis if self.per_channel else None
                 total = window_sum(scaled, ordered, self.temperature, half_width, axis)
-                return alpha.reshape(shape) * (total + self.values[0])
+                return alpha.reshape(shape) * (total + self.lowest)
         if count < UNROLLED_STEPS:
             total = None
             for k, height in enumerate(self.heights):
