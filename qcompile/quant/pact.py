@@ -34,6 +34,35 @@ from qcompile.quant.registry import register_method
 MIN_ALPHA = 1e-8
 
 
+class Clip(torch.autograd.Function):
+    """``clamp(x, 0, alpha)`` (``[-alpha, alpha]`` signed) with PACT's gradient (Eq. 3): 1 to ``x``
+    strictly inside, to ``alpha`` the sum of the gradient where ``x >= alpha`` (less that where
+    ``x <= -alpha``, signed), summed over the dimensions ``alpha`` is broadcast along.
+
+    The same function as ``torch.where(x >= alpha, alpha, relu(x))`` under autograd, written out:
+    from the ``where`` form inductor generated a backward whose batch-norm reduction ran on one
+    thread (a compiled W2A2 small-CNN step 15.2 -> 12.7 ms, float 12.0, in one process)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, signed: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, alpha)
+        ctx.signed = signed
+        lower = torch.where(x <= -alpha, -alpha, x) if signed else torch.relu(x)
+        return torch.where(x >= alpha, alpha, lower)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, alpha = ctx.saved_tensors
+        zero = torch.zeros_like(grad)
+        over = x >= alpha
+        under = x <= -alpha if ctx.signed else x <= 0
+        grad_x = torch.where(over | under, zero, grad)
+        grad_alpha = torch.where(over, grad, zero)
+        if ctx.signed:
+            grad_alpha = grad_alpha - torch.where(under, grad, zero)
+        return grad_x, grad_alpha.sum_to_size(alpha.shape), None
+
+
 class PACTActivationQuantizer(Quantizer):
     """Clip to a learned ``alpha``, quantize uniformly (PACT Eq. 1-3)."""
 
@@ -69,8 +98,7 @@ class PACTActivationQuantizer(Quantizer):
 
     def clip(self, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """PACT's clipping with the paper's gradient (ties at ``x == alpha`` go to ``alpha``)."""
-        lower = torch.where(x <= -alpha, -alpha, x) if self.signed else torch.relu(x)
-        return torch.where(x >= alpha, alpha, lower)
+        return Clip.apply(x, alpha, self.signed)
 
     def integer_spec(self) -> IntegerSpec:
         step = self.step_size().clone()

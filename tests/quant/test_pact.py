@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qcompile.errors import ConfigError
 from qcompile.quant import get_method, make_quantizer
 from qcompile.quant.dorefa import DoReFaWeightQuantizer
-from qcompile.quant.pact import PACTActivationQuantizer, PACTWeightQuantizer
+from qcompile.quant.pact import Clip, PACTActivationQuantizer, PACTWeightQuantizer
 
 
 def pact(bits, alpha, signed=False):
@@ -106,3 +108,29 @@ def test_weights_use_dorefa():
 def test_training_a_tiny_model_lowers_the_loss(train_tiny, bits):
     losses = train_tiny("pact", bits)
     assert losses[-1] < 0.7 * losses[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(signed=st.booleans(), per_channel=st.booleans(), seed=st.integers(0, 2**16))
+def test_clip_gradients_equal_autograd_of_the_where_form(signed, per_channel, seed):
+    """The written-out backward is the gradient autograd takes through ``torch.where``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 3, 5, 5, generator=generator) * 2
+    x[0, 0, 0, :3] = torch.tensor([0.0, 1.0, -1.0])  # ties at 0 and at +-alpha
+    alpha = (torch.rand(3 if per_channel else 1, generator=generator) + 0.5)
+    alpha[0] = 1.0
+    shape = [1, 3, 1, 1] if per_channel else [1, 1, 1, 1]
+    upstream = torch.randn(x.shape, generator=generator)
+    grads = []
+    for written_out in (True, False):
+        xs, a = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+        if written_out:
+            y = Clip.apply(xs, a.reshape(shape), signed)
+        else:
+            at = a.reshape(shape)
+            lower = torch.where(xs <= -at, -at, xs) if signed else torch.relu(xs)
+            y = torch.where(xs >= at, at, lower)
+        (y * upstream).sum().backward()
+        grads.append((y.detach(), xs.grad, a.grad))
+    for mine, reference in zip(*grads):
+        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-6)
