@@ -5,9 +5,10 @@ each method quantizes it (first and last layer 8-bit) at W4A4 and W2A2 and train
 loop, distilling from the float model (``--progressive`` adds progressive quantization, 8 -> 4 ->
 2 bits, to the W2A2 runs). Prints one row per run: accuracy before and after QAT, the float accuracy, and the median
 training-step time as a ratio to the float model's step (both measured by the same loop in this
-process). A method written ``qn:lsq`` quantizes the first and last layers with the second method
-(``quantize(first_last_method=...)``). Usage: ``python benchmarks/qat_mnist.py [--epochs N]
-[--methods qil,lsq,qn:lsq] [--bits 4,2] [--progressive] [--learn-input-quantizers]``.
+process). A method written ``qil:lsq`` quantizes the first and last layers with the second method
+(``quantize(first_last_method=...)``); plain ``qn`` gives them LSQ, QN's default for 8-bit first
+and last layers, and ``qn:qn`` keeps QN there. Usage: ``python benchmarks/qat_mnist.py [--epochs
+N] [--methods qil,lsq,qn:qn] [--bits 4,2] [--progressive] [--learn-input-quantizers]``.
 """
 
 import argparse

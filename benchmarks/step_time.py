@@ -13,9 +13,10 @@ Quantizers with a temperature (Quantization Networks) keep the one given by ``--
 (default 1, the first epoch of the default annealing, where the sigmoids are widest and the
 soft function costs most; 19 is the second epoch of a 12-epoch run, from which on every quantizer
 sums only a few sigmoids per element).
-A method written ``qn:lsq`` quantizes the first and last layers with the second method
-(``quantize(first_last_method=...)``).
-Usage: ``python benchmarks/step_time.py [--methods lsq,qil,qn:lsq] [--bits 4,2] [--rounds 5]
+A method written ``qil:lsq`` quantizes the first and last layers with the second method
+(``quantize(first_last_method=...)``); plain ``qn`` gives them LSQ, QN's default for 8-bit first
+and last layers, and ``qn:qn`` keeps QN there.
+Usage: ``python benchmarks/step_time.py [--methods lsq,qil,qn:qn] [--bits 4,2] [--rounds 5]
 [--steps 12] [--modes eager,compiled] [--temperature 1] [--learn-input-quantizers]``.
 """
 

@@ -6,10 +6,11 @@ weight quantizer; a fused conv-BN gets its ``weight_quantizer`` set, so the fold
 is quantized. Each layer's input gets an activation quantizer node, shared by every layer that
 reads the same tensor at the same bit-width. Bits come from ``node.meta["quant"]`` as written by
 ``assign-bits`` (else the uniform policy: ``bits``, first and last layer ``first_last_bits``);
-``method`` and ``per_channel`` come from the pipeline configuration; ``first_last_method`` (default
-``method``) quantizes the first and last layer, weights and input, with another method: their 8
-bits are a deployment choice rather than part of a method, and a method whose training cost
-grows with ``2^b`` (Quantization Networks' sigmoids) spends much of a small model's step there.
+``method`` and ``per_channel`` come from the pipeline configuration; ``first_last_method``
+quantizes the first and last layer, weights and input, with another method: their 8 bits are a
+deployment choice rather than part of a method. Unset, an edge layer of more than
+``WIDE_EDGE_BITS`` bits takes the method's ``wide_edges`` method if it names one (Quantization
+Networks: LSQ; see :mod:`qcompile.quant.qn`), else ``method``.
 
 Initialisation follows each method's paper through its quantizer's ``initialize``: weight
 quantizers from the float weights, activation quantizers from the activations that calibration
@@ -32,7 +33,7 @@ from qcompile.quant.calibration import (
 from qcompile.quant.calibration import batches_for
 from qcompile.quant.layers import LayerSite, float_weight, quantizable_layers
 from qcompile.quant.quantized_layer import QuantizedLayer
-from qcompile.quant.registry import get_method, make_quantizer
+from qcompile.quant.registry import WIDE_EDGE_BITS, get_method, make_quantizer
 
 CONTAINER = INPUT_QUANTIZERS
 
@@ -46,9 +47,8 @@ def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ctx.note("no quantizable layers")
         return gm
     _default_bits(sites, ctx)
-    edge_method = get_method(ctx.option("first_last_method") or method).name
-    methods = {site.name: edge_method if index in (0, len(sites) - 1) else method
-               for index, site in enumerate(sites)}
+    edges = _edge_methods(sites, method, ctx)
+    methods = {site.name: edges.get(index, method) for index, site in enumerate(sites)}
     for site in sites:
         _quantize_weight(gm, site, methods[site.name], per_channel)
     inputs = _insert_input_nodes(gm, sites, methods)
@@ -56,9 +56,32 @@ def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     _calibrate_inputs(gm, inputs, methods, ctx)
     gm.graph.lint()
     gm.recompile()
-    edges = f" (first and last: {edge_method})" if edge_method != method else ""
-    ctx.note(f"{method}: {len(sites)} layers{edges}, {len(inputs)} input quantizers")
+    ctx.note(f"{method}: {len(sites)} layers{_edges_note(edges, method)}, "
+             f"{len(inputs)} input quantizers")
     return gm
+
+
+def _edge_methods(sites: list[LayerSite], method: str, ctx: PassContext) -> dict[int, str]:
+    """The methods of the first and last layer, by index: ``first_last_method`` when given, else
+    the method's ``wide_edges`` for an edge wider than ``WIDE_EDGE_BITS``, else ``method``."""
+    last = len(sites) - 1
+    chosen = ctx.option("first_last_method")
+    if chosen:
+        return dict.fromkeys((0, last), get_method(chosen).name)
+    wide = get_method(method).wide_edges
+    edges = {}
+    for index in (0, last):
+        quant = sites[index].node.meta["quant"]
+        bits = max(quant["weight_bits"], quant["act_bits"])
+        edges[index] = wide if wide and bits > WIDE_EDGE_BITS else method
+    return edges
+
+
+def _edges_note(edges: dict[int, str], method: str) -> str:
+    first, last = edges[0], edges[max(edges)]
+    if first == last:
+        return f" (first and last: {first})" if first != method else ""
+    return f" (first: {first}, last: {last})"
 
 
 def _default_bits(sites: list[LayerSite], ctx: PassContext) -> None:

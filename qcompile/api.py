@@ -32,7 +32,9 @@ def quantize(
     ``{"size": 0.1}`` (fraction of fp32 weight bytes) or ``{"bops": 0.02}``, with optional
     ``"bits_choices": "2,3,4,8"``. ``calib_data`` is an iterable of input tuples (or tensors).
     ``first_last_method`` quantizes the first and last layers with another method than
-    ``method`` (``"lsq"``: a learned uniform step for their 8 bits).
+    ``method`` (``"lsq"``: a learned uniform step for their 8 bits); unset, they take ``method``,
+    except that ``"qn"`` quantizes first and last layers of more than 4 bits with LSQ
+    (``first_last_method="qn"`` keeps QN there).
     """
     config = dict(bits=bits, method=method, first_last_bits=first_last_bits,
                   per_channel=per_channel)

@@ -125,7 +125,7 @@ def _compile_parser() -> argparse.ArgumentParser:
                         help="bit-width of the first and last layers (default 8)")
     parser.add_argument("--first-last-method", choices=available_methods(),
                         help="quantization method of the first and last layers (default: "
-                        "--method; lsq makes --method qn at 2 bits faster and steadier)")
+                        "--method, but lsq for --method qn when they have more than 4 bits)")
     parser.add_argument("--per-tensor", action="store_true",
                         help="one weight scale per layer instead of per output channel")
     budget = parser.add_mutually_exclusive_group()

@@ -342,13 +342,18 @@ def test_unknown_method_is_one_line(tmp_path, small_weights, monkeypatch, capsys
     assert code == 2 and len(err.strip().splitlines()) == 1 and "qil" in err
 
 
-def test_first_last_method_reaches_the_table(tmp_path, small_weights, monkeypatch, capsys):
+@pytest.mark.parametrize(("method", "flags", "edge"), [
+    ("qil", ["--first-last-method", "lsq"], "lsq"),
+    ("qn", [], "lsq"),  # QN's own default for 8-bit first and last layers
+    ("qn", ["--first-last-method", "qn"], "qn"),
+])
+def test_first_last_method_reaches_the_table(tmp_path, small_weights, monkeypatch, capsys,
+                                             method, flags, edge):
     code, out, _ = run_main(monkeypatch, capsys, tmp_path, "small.pt", "--arch", SMALL_ARCH,
-                            "--input-shape", SMALL_SHAPE, "--method", "qn",
-                            "--first-last-method", "lsq")
+                            "--input-shape", SMALL_SHAPE, "--method", method, *flags)
     assert code == 0
     table = out.split("\npasses:\n")[1].splitlines()
     header = next(line for line in table if line.startswith("layer "))
     rows = [line for line in table if line.startswith(("conv", "fc"))]
     methods = [line[header.index("method"):].split()[0] for line in rows]
-    assert methods[0] == methods[-1] == "lsq" and set(methods[1:-1]) == {"qn"}
+    assert methods[0] == methods[-1] == edge and set(methods[1:-1]) == {method}

@@ -8,20 +8,28 @@ from qcompile.quant.base import Quantizer
 
 @dataclass(frozen=True)
 class QuantMethod:
-    """A method users name (``--method qil``): its two quantizer classes and its paper."""
+    """A method users name (``--method qil``): its two quantizer classes and its paper.
+
+    ``wide_edges``: the method that quantizes the first and last layers when they are wider than
+    :data:`WIDE_EDGE_BITS` (their 8 bits by default) and the user names no
+    ``first_last_method``; None keeps this method there."""
 
     name: str
     weight: type[Quantizer]
     activation: type[Quantizer]
     paper: str
+    wide_edges: str | None = None
 
 
 _methods: dict[str, QuantMethod] = {}
+WIDE_EDGE_BITS = 4
+"""First and last layers of more bits than this may take a method's ``wide_edges`` method."""
 
 
-def register_method(name: str, weight: type[Quantizer], activation: type[Quantizer], paper: str):
+def register_method(name: str, weight: type[Quantizer], activation: type[Quantizer], paper: str,
+                    wide_edges: str | None = None):
     weight.method = activation.method = name
-    _methods[name] = QuantMethod(name, weight, activation, paper)
+    _methods[name] = QuantMethod(name, weight, activation, paper, wide_edges)
 
 
 def available_methods() -> list[str]:

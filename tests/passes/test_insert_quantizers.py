@@ -8,7 +8,7 @@ from batch_norms import with_batch_statistics
 from qcompile.errors import ConfigError
 from qcompile.fused import ConvBatchNorm
 from qcompile.models import SmallCNN
-from qcompile.quant import Quantizer, available_methods
+from qcompile.quant import Quantizer, available_methods, get_method
 from qcompile.quant.layers import quantizable_layers
 from qcompile.quant.quantized_layer import QuantizedLayer
 
@@ -34,10 +34,11 @@ def test_every_layer_gets_weight_and_input_quantizers(method):
     gm = quantized(SmallCNN(), x, method=method, bits=2)
     sites = quantizable_layers(gm)
     assert len(sites) == 4
-    for site in sites:
+    edge = get_method(method).wide_edges or method  # the 8-bit first and last layers
+    for site, expected in zip(sites, [edge, method, method, edge], strict=True):
         assert isinstance(site.module, (QuantizedLayer, ConvBatchNorm))
         assert isinstance(site.module.weight_quantizer, Quantizer)
-        assert site.module.weight_quantizer.method == method
+        assert site.module.weight_quantizer.method == expected
         source = site.node.args[0]
         assert source.op == "call_module" and isinstance(gm.get_submodule(source.target), Quantizer)
     widths = [(s.node.meta["quant"]["weight_bits"], s.node.meta["quant"]["act_bits"]) for s in sites]
@@ -76,6 +77,42 @@ def test_first_and_last_layers_can_take_another_method(method):
     assert [q.method for q in inputs] == ["lsq", method, method, "lsq"]
     assert [q.bits for q in inputs] == [8, 2, 2, 8]
     assert torch.isfinite(gm(x)).all()
+
+
+@pytest.mark.parametrize(("config", "edges", "note"), [
+    ({}, ["lsq", "lsq"], "qn: 4 layers (first and last: lsq)"),
+    ({"first_last_method": "qn"}, ["qn", "qn"], "qn: 4 layers, "),
+    ({"first_last_bits": 4}, ["qn", "qn"], "qn: 4 layers, "),
+    ({"first_last_bits": 6}, ["lsq", "lsq"], "qn: 4 layers (first and last: lsq)"),
+])
+def test_qn_first_and_last_layers_take_lsq_when_wider_than_four_bits(config, edges, note):
+    """QN names LSQ for its wide first and last layers; ``first_last_method`` overrides it, and
+    first and last layers of 4 bits or fewer stay QN."""
+    assert get_method("qn").wide_edges == "lsq" and get_method("qil").wide_edges is None
+    x = torch.randn(16, 1, 28, 28)
+    ctx = qcompile.PassContext()
+    gm = quantized(SmallCNN(), x, ctx=ctx, method="qn", bits=2, **config)
+    assert ctx.records[-1].notes[-1].startswith(note)
+    sites = quantizable_layers(gm)
+    inputs = [gm.get_submodule(s.node.args[0].target) for s in sites]
+    for quantizers in ([s.module.weight_quantizer for s in sites], inputs):
+        assert [q.method for q in quantizers] == [edges[0], "qn", "qn", edges[1]]
+
+
+def test_only_a_wide_edge_takes_the_wide_method():
+    """Bits per layer (as a budget assigns them): the 8-bit first layer takes LSQ, the 3-bit
+    last layer stays QN, and the note names each."""
+    x = torch.randn(16, 1, 28, 28)
+    gm = qcompile.trace(SmallCNN(), (x,))
+    gm = qcompile.PassManager(["canonicalize", "fold-bn"]).run(gm, (x,))
+    sites = quantizable_layers(gm)
+    for site, bits in zip(sites, [8, 2, 2, 3], strict=True):
+        site.node.meta["quant"] = {"weight_bits": bits, "act_bits": bits}
+    ctx = qcompile.PassContext()
+    gm = qcompile.PassManager(["insert-quantizers"]).run(gm, (x,), ctx=ctx, method="qn")
+    assert "qn: 4 layers (first: lsq, last: qn)" in ctx.records[-1].notes[-1]
+    assert [s.module.weight_quantizer.method for s in quantizable_layers(gm)] == [
+        "lsq", "qn", "qn", "qn"]
 
 
 def test_unknown_first_last_method_is_a_config_error():

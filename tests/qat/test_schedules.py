@@ -39,10 +39,10 @@ def float_model(seed=0):
     return SmallCNN().eval()
 
 
-def quantized(method="lsq", model=None, passes=None):
+def quantized(method="lsq", model=None, passes=None, **config):
     model = model if model is not None else float_model()
     return qcompile.quantize(model, (digits().train_x[:8],), bits=2, method=method,
-                             calib_data=calib(), passes=passes)
+                             calib_data=calib(), passes=passes, **config)
 
 
 def batch(step, size=32):
@@ -241,7 +241,7 @@ def test_stochastic_precision_trains_and_leaves_every_quantizer_on():
 
 
 def test_temperature_annealing_reaches_the_hard_staircase():
-    gm = quantized("qn")
+    gm = quantized("qn", first_last_method="qn")  # the 8-bit layers' windowed sums too
     anneal = TemperatureAnnealing(start=1.0, end=200.0)
     temperatures = []
     probe = Probe(lambda s: temperatures.append(
