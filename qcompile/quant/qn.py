@@ -52,9 +52,8 @@ In eval mode the staircase is used, as at inference in the paper; in training th
 is, unless ``hard`` is set (the end of temperature annealing).
 
 The first and last layers, when wider than 4 bits (8 by default), are quantized by LSQ unless
-``first_last_method="qn"`` asks for QN there (``wide_edges`` of the method's registration). The
-paper quantizes the layers between them; at 8 bits, late in annealing, the soft function's
-gradient is a comb: at ``T = 200`` 92% of inputs spread uniformly over the range get less than
+``first_last_method="qn"`` asks for QN there (``wide_edges`` of the method's registration). At 8
+bits, late in annealing, the soft function's gradient is a comb: at ``T = 200`` 92% of inputs spread uniformly over the range get less than
 5% of the mean gradient and a few get 65 times it, the same as at 2 bits, while the 8 bits are
 there to stay close to float. On the MNIST benchmark (``benchmarks/RESULTS.md``, five seeds on
 each of two hosts) W2A2 with LSQ edges averaged 95.8% and 95.0% against 88.1% and 91.8% with
