@@ -54,13 +54,13 @@ is, unless ``hard`` is set (the end of temperature annealing).
 The first and last layers, when wider than 4 bits (8 by default), are quantized by LSQ unless
 ``first_last_method="qn"`` asks for QN there (``wide_edges`` of the method's registration). At 8
 bits, late in annealing, the soft function's gradient is a comb: at ``T = 200`` 92% of inputs
-spread uniformly over the range get less than 5% of the mean gradient and a few get 65 times
-it, the same as at 2 bits, while the 8 bits are there to stay close to float. On the MNIST benchmark (``benchmarks/RESULTS.md``, five seeds on
-each of two hosts) W2A2 with LSQ edges averaged 95.8% and 95.0% against 88.1% and 91.8% with
-QN's own, which ended 23 and 16 points below float on the same seed on the two hosts; W4A4 came
-out equal on one host (five seeds) and 0.3-0.7 points lower on the other (three); the step is
-10-30% faster. Which of the two layers matters is not settled: LSQ on either one alone left a
-collapsed seed.
+spread uniformly over the range get less than 5% of the mean gradient and a few get 65 times it,
+the same as at 2 bits, while the 8 bits are there to stay close to float. On the MNIST benchmark
+(``benchmarks/RESULTS.md``, five seeds on each of two hosts) W2A2 with LSQ edges averaged 95.8% and
+95.0% against 88.1% and 91.8% with QN's own, which ended 23 and 16 points below float on the same
+seed on the two hosts; W4A4 came out equal on one host (five seeds) and 0.3-0.7 points lower on the
+other (three); the step is 10-30% faster. Which of the two layers matters is not settled: LSQ on
+either one alone left a collapsed seed.
 """
 
 import torch
