@@ -80,10 +80,10 @@ def run(spec, bits, float_graph, train, test, calibration, args) -> dict:
             "step": history.median_step_seconds, "seconds": time.perf_counter() - start}
 
 
-def quantized(float_graph, example, bits, spec, calibration):
-    """The graph quantized by ``spec``: a method, or ``method:first_last_method``."""
+def quantized(model, example, bits, spec, calibration):
+    """``model`` quantized by ``spec``: a method, or ``method:first_last_method``."""
     method, _, edges = spec.partition(":")
-    return qcompile.quantize(float_graph, example, bits=bits, method=method,
+    return qcompile.quantize(model, example, bits=bits, method=method,
                              first_last_method=edges or None, calib_data=calibration)
 
 

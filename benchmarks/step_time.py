@@ -32,6 +32,7 @@ import qcompile
 from qcompile.data import load_builtin
 from qcompile.models import SmallCNN
 from qcompile.qat.quantizers import annealable_quantizers
+from qat_mnist import quantized as quantized_by
 
 BATCH = 64
 
@@ -86,10 +87,7 @@ def main() -> None:
         configs.append(Config("float", None, qcompile.trace(model, example), compiled))
         for bits in (int(b) for b in args.bits.split(",")):
             for method in args.methods.split(","):
-                name, _, edges = method.partition(":")
-                quantized = qcompile.quantize(model, example, bits=bits, method=name,
-                                              first_last_method=edges or None,
-                                              calib_data=calibration)
+                quantized = quantized_by(model, example, bits, method, calibration)
                 for quantizer in annealable_quantizers(quantized):
                     quantizer.set_temperature(args.temperature)
                 configs.append(Config(method, bits, quantized, compiled,

@@ -53,7 +53,7 @@ def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         _quantize_weight(gm, site, methods[site.name], per_channel)
     inputs = _insert_input_nodes(gm, sites, methods)
     gm.recompile()
-    _calibrate_inputs(gm, inputs, methods, ctx)
+    _calibrate_inputs(gm, inputs, ctx)
     gm.graph.lint()
     gm.recompile()
     ctx.note(f"{method}: {len(sites)} layers{_edges_note(edges, method)}, "
@@ -122,20 +122,18 @@ def _insert_input_nodes(gm: fx.GraphModule, sites: list[LayerSite],
             gm.get_submodule(CONTAINER).add_module(name, nn.Identity())
             with gm.graph.inserting_after(source):
                 made[key] = gm.graph.call_module(f"{CONTAINER}.{name}", (source,))
-            made[key].meta["quant_input"] = {"bits": bits, "layers": []}
+            made[key].meta["quant_input"] = {"bits": bits, "method": key[2], "layers": []}
         node = made[key]
         node.meta["quant_input"]["layers"].append(site.name)
         site.node.replace_input_with(source, node)
     return {node.target: node for node in made.values()}
 
 
-def _calibrate_inputs(gm, inputs: dict[str, fx.Node], methods: dict[str, str],
-                      ctx: PassContext) -> None:
+def _calibrate_inputs(gm, inputs: dict[str, fx.Node], ctx: PassContext) -> None:
     batches = batches_for(ctx, int(ctx.option("calib_examples", 64)), "activation calibration")
     seen = record_inputs(gm, list(inputs), batches)
     for name, node in inputs.items():
-        bits = node.meta["quant_input"]["bits"]
-        method = methods[node.meta["quant_input"]["layers"][0]]
+        bits, method = node.meta["quant_input"]["bits"], node.meta["quant_input"]["method"]
         quantizer, fell_back = calibrated_activation_quantizer(method, bits, seen[name])
         if fell_back:
             ctx.note(f"{name}: {method} has no signed activations; LSQ quantizes this input")
