@@ -13,7 +13,7 @@ from torch import fx
 
 from qcompile import integer_ir as ir
 from qcompile.backends.tvm import threads
-from qcompile.backends.tvm.compiled import CompiledModule, load, versions
+from qcompile.backends.tvm.compiled import CompiledModule, load, stored_bytes, versions
 from qcompile.backends.tvm.lower import lower
 from qcompile.backends.tvm.target import resolve_target
 from qcompile.errors import ConfigError
@@ -39,20 +39,28 @@ def compile_module(model, target="llvm", input_shape=None) -> CompiledModule:
     seconds = time.perf_counter() - start
     manifest = {
         "versions": versions(),
-        "target": {k: (str(v) if not isinstance(v, (int, float, bool)) else v)
-                   for k, v in resolved.export().items() if k in ("kind", "mcpu", "arch",
-                                                                   "num-cores")},
+        "target": {k: _plain(v) for k, v in resolved.export().items()
+                   if k in ("kind", "mcpu", "mattr", "arch", "num-cores")},
         "input": {"name": graph.inputs[0], "shape": list(shape), "dtype": "float32"},
         "output": {"shape": list(lowered.output_shape), "dtype": "float32"},
         "layers": [{"layer": op.layer, "weight_bits": op.weight.bits,
                     "input_bits": graph.values[op.input].bits,
                     "kernel": lowered.kernels.get(op.layer, "?")} for op in graph.layers()],
-        "bytes": {"params": int(sum(a.nbytes for a in lowered.params)),
+        "bytes": {"params": stored_bytes(lowered.params, lowered.stored),
                   "fp32_weights": int(sum(r[3] for r in graph.size_rows()))},
         "compile_seconds": round(seconds, 2),
         "program": [{"value": value, "kernel": symbol} for value, symbol in lowered.program],
     }
-    return CompiledModule(executable, lowered.params, manifest, lowered.traced)
+    return CompiledModule(executable, lowered.params, manifest, lowered.traced, lowered.stored)
+
+
+def _plain(value):
+    """A target attribute as JSON: numbers as they are, lists (``mattr``) as lists of text."""
+    if isinstance(value, (int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple, tvm.ir.Array)):
+        return [str(v) for v in value]
+    return str(value)
 
 
 __all__ = ["CompiledModule", "compile_module", "load", "resolve_target"]

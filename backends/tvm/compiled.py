@@ -26,6 +26,7 @@ from tvm import relax
 
 import qcompile
 from qcompile import artifact
+from qcompile.backends.tvm import amx_host, stored_params
 from qcompile.errors import ArtifactError, ConfigError, InputError
 
 LIBRARY = "model.so"
@@ -81,13 +82,14 @@ class Profile:
 
 class CompiledModule:
     def __init__(self, executable, params: list[np.ndarray], manifest: dict,
-                 traced: list[str]):
+                 traced: list[str], stored: dict | None = None):
         self.executable = executable
         self.manifest = manifest
         self.traced = traced
         self.device = tvm.cuda(0) if manifest["target"]["kind"] == "cuda" else tvm.cpu(0)
         self._vm = None
         self._params_numpy = params
+        self._stored = stored or {}
         self._params = None
         self._staged = None
 
@@ -104,6 +106,11 @@ class CompiledModule:
             if not self.device.exist:
                 raise ArtifactError(f"this module was compiled for {self.manifest['target']}, "
                                     "and no such device is present")
+            if uses_amx(self.manifest) and not amx_host.enabled():
+                raise ArtifactError(
+                    f"this module was compiled for {self.manifest['target']}, with AMX "
+                    "kernels, and this CPU (or its operating system) does not provide AMX-INT8: "
+                    "compile the model again on this machine")
             self._vm = relax.VirtualMachine(self.executable, self.device)
             self._params = [tvm.runtime.tensor(a, self.device) for a in self._params_numpy]
             self._staged = tvm.runtime.empty(self.input_shape, "float32", self.device)
@@ -219,8 +226,16 @@ class CompiledModule:
             library = Path(folder) / LIBRARY
             self.executable.export_library(str(library))
             params = Path(folder) / PARAMS
-            np.savez(params, *self._params_numpy)
-            manifest = dict(self.manifest, traced=self.traced)
+            arrays = {}
+            for k, array in enumerate(self._params_numpy):
+                if k in self._stored:
+                    arrays.update({f"arr_{k}_{name}": a
+                                   for name, a in self._stored[k].stored().items()})
+                else:
+                    arrays[f"arr_{k}"] = array
+            np.savez(params, **arrays)
+            manifest = dict(self.manifest, traced=self.traced, params=len(self._params_numpy),
+                            stored={str(k): w.recipe() for k, w in self._stored.items()})
             return artifact.write(path, manifest, {LIBRARY: library, PARAMS: params})
 
 
@@ -234,12 +249,35 @@ def load(path) -> CompiledModule:
                             f"{tvm.__version__}: compile the model again")
     try:
         executable = tvm.runtime.load_module(str(Path(folder) / LIBRARY))
-        with np.load(Path(folder) / PARAMS) as stored:
-            params = [stored[f"arr_{k}"] for k in range(len(stored.files))]
+        with np.load(Path(folder) / PARAMS) as arrays:
+            stored = {int(k): stored_params.from_recipe(recipe, _arrays_of(int(k), arrays))
+                      for k, recipe in manifest.get("stored", {}).items()}
+            params = [stored[k].array() if k in stored else arrays[f"arr_{k}"]
+                      for k in range(manifest.get("params", len(arrays.files)))]
+    except ArtifactError:
+        raise
     except Exception as error:  # noqa: BLE001 - TVM and numpy raise many kinds here
         raise ArtifactError(f"{path}: cannot load its library or parameters ({error}); "
                             "compile the model again") from None
-    return CompiledModule(executable, params, manifest, manifest["traced"])
+    return CompiledModule(executable, params, manifest, manifest["traced"], stored)
+
+
+def _arrays_of(k: int, arrays) -> dict[str, np.ndarray]:
+    """The arrays saved for parameter ``k``'s smaller form, by name."""
+    prefix = f"arr_{k}_"
+    return {name[len(prefix):]: arrays[name] for name in arrays.files if name.startswith(prefix)}
+
+
+def stored_bytes(params: list[np.ndarray], stored: dict) -> int:
+    """The bytes an artifact stores for ``params``, the smaller forms in ``stored`` counted in
+    place of the arrays they rebuild."""
+    return int(sum(sum(a.nbytes for a in stored[k].stored().values()) if k in stored
+                   else a.nbytes for k, a in enumerate(params)))
+
+
+def uses_amx(manifest: dict) -> bool:
+    """Whether a compiled module runs AMX kernels (which need the process's permission)."""
+    return any(layer.get("kernel") == "amx" for layer in manifest.get("layers", []))
 
 
 def versions() -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from qcompile import integer_ir as ir
-from qcompile.backends.tvm.kernels import bitserial_packed, glue
+from qcompile.backends.tvm.kernels import amx, bitserial_packed, glue
 from qcompile.requantization import apply_staircase
 
 BITSERIAL_BITS = 4
@@ -86,20 +86,66 @@ def staircase_table(op: ir.Requantize, fmt) -> tuple[int, np.ndarray] | None:
     return low, glue.narrow(codes[0].numpy())
 
 
-def bit_serial(op, graph: ir.IntegerGraph) -> bool:
+def on_amx(op, graph: ir.IntegerGraph, target) -> bool:
+    """Whether layer ``op`` runs on AMX (:mod:`.kernels.amx`): a conv without groups or
+    dilation, of one stride both ways, on a target with AMX-INT8, whose input codes stand for
+    themselves and fit a byte and whose weight levels fit int8."""
+    if not (isinstance(op, ir.Conv) and amx.available(target)):
+        return False
+    fmt = graph.values[op.input]
+    if not (isinstance(fmt, ir.CodeFormat) and affine_levels(fmt.levels) == (1, 0)
+            and len(fmt.levels) <= 256):
+        return False
+    levels = op.weight.levels
+    return bool(op.groups == 1 and tuple(op.dilation) == (1, 1) and op.stride[0] == op.stride[1]
+                and len(op.weight.shape) == 4
+                and int(levels.min()) >= -128 and int(levels.max()) <= 127)
+
+
+def bit_serial(op, graph: ir.IntegerGraph, target=None) -> bool:
     """Whether layer ``op`` runs bit-serial: low-bit codes standing for themselves times
-    low-bit weights of an affine form, and no groups."""
+    low-bit weights of an affine form, and no groups, unless it runs on AMX on ``target``."""
     fmt, weight = graph.values[op.input], op.weight
     return bool(affine_levels(fmt.levels) == (1, 0) and fmt.bits <= BITSERIAL_BITS
                 and weight.bits <= BITSERIAL_BITS and weight.affine is not None
-                and (not isinstance(op, ir.Conv) or op.groups == 1))
+                and (not isinstance(op, ir.Conv) or op.groups == 1)
+                and (target is None or not on_amx(op, graph, target)))
+
+
+def amx_layout(value: str, readers: dict, graph: ir.IntegerGraph, shapes: dict, target
+               ) -> "amx.Layout | None":
+    """The :class:`~.kernels.amx.Layout` the AMX convs reading ``value`` share (padded for the
+    widest of them, rows for the longest reach), or None where none reads it."""
+    convs = [r for r in readers.get(value, []) if on_amx(r, graph, target)]
+    if not convs:
+        return None
+    n, c, h, w = shapes[value]
+    pad = max(max(r.padding) for r in convs)
+    probe = amx.Layout(n, c, h, w, pad, 0)
+    rows = max([probe.image_rows, *(amx_geometry(r, probe).rows_read for r in convs)])
+    return amx.Layout(n, c, h, w, pad, rows)
+
+
+def amx_geometry(op: ir.Conv, layout: "amx.Layout") -> "amx.Conv":
+    """AMX conv ``op`` over ``layout``."""
+    return amx.Conv(layout, int(op.weight.shape[0]), tuple(int(k) for k in op.weight.shape[2:]),
+                    int(op.stride[0]), tuple(int(p) for p in op.padding))
+
+
+def writes_amx_layout(value: str, layer, readers: dict, graph: ir.IntegerGraph, target) -> bool:
+    """Whether AMX conv ``layer`` stores the codes ``value`` (its fused requantization) only
+    in the layout of its readers: every reader is an AMX conv, and the codes fit a byte."""
+    after = readers.get(value, [])
+    return (on_amx(layer, graph, target) and bool(after) and value != graph.output
+            and len(graph.values[value].levels) <= 256
+            and all(on_amx(r, graph, target) for r in after))
 
 
 def passes_packed(value: str, layer, readers: dict, graph: ir.IntegerGraph, shapes: dict,
                   target) -> bool:
     """Whether the codes ``value`` (requantized inside bit-serial conv ``layer``) go from it to
     their readers as packed planes (:func:`reads_packed`)."""
-    return (isinstance(layer, ir.Conv) and bit_serial(layer, graph)
+    return (isinstance(layer, ir.Conv) and bit_serial(layer, graph, target)
             and reads_packed(value, readers, graph, shapes, target))
 
 
@@ -110,7 +156,7 @@ def reads_packed(value: str, readers: dict, graph: ir.IntegerGraph, shapes: dict
     after = readers.get(value, [])
     channels, word = shapes[value][1], bitserial_packed.word_bits(target)
     return (bool(after) and value != graph.output
-            and all(isinstance(r, ir.Conv) and bit_serial(r, graph) for r in after)
+            and all(isinstance(r, ir.Conv) and bit_serial(r, graph, target) for r in after)
             and (channels <= word or channels % word == 0))
 
 

@@ -33,11 +33,12 @@ import tvm
 from qcompile import integer_ir as ir
 from qcompile.backends.reference import run as reference_run
 from qcompile.backends.tvm import glue_plan
-from qcompile.backends.tvm.kernels import bitserial_packed, glue, pooling
+from qcompile.backends.tvm.kernels import amx, bitserial_packed, glue, pooling
 from qcompile.backends.tvm.kernels.epilogue import Epilogue
 from qcompile.backends.tvm.kernels.glue import Terms
 from qcompile.backends.tvm.lower_layers import plan_layer, shape_tag
 from qcompile.backends.tvm.relax_module import Call, build_module
+from qcompile.backends.tvm.stored_params import AmxWeight
 from qcompile.errors import NotDeployableError
 
 ONE = Terms((1,))
@@ -53,6 +54,9 @@ class Lowered:
     kernels: dict[str, str] = field(default_factory=dict)
     program: list[tuple[str, str]] = field(default_factory=list)
     """``main``'s kernel calls in order: (the value a call computes, the kernel's symbol)."""
+    stored: dict[int, AmxWeight] = field(default_factory=dict)
+    """Parameters (by position) the artifact stores in a smaller form
+    (:mod:`.stored_params`)."""
 
 
 def lower(graph: ir.IntegerGraph, input_shape: tuple[int, ...], target: tvm.target.Target
@@ -66,8 +70,10 @@ def lower(graph: ir.IntegerGraph, input_shape: tuple[int, ...], target: tvm.targ
     builder.plan()
     module = builder.build(input_shape)
     program = [(call.value, call.symbol) for call in builder.calls if not call.trace_only]
+    stored = {k: builder.stored[id(a)] for k, a in enumerate(builder.params)
+              if id(a) in builder.stored}
     return Lowered(module, builder.params, tuple(input_shape), shapes[graph.output],
-                   builder.traced, builder.kernel_kinds, program)
+                   builder.traced, builder.kernel_kinds, program, stored)
 
 
 class _Builder:
@@ -85,6 +91,7 @@ class _Builder:
         self.pooled_first: dict[str, ir.MaxPool] = {}
         self.pooled: dict[tuple, str] = {}
         self.packed: set[str] = set()
+        self.stored: dict[int, AmxWeight] = {}
 
     # -- planning: which kernel computes each value -------------------------------------------
 
@@ -103,6 +110,14 @@ class _Builder:
                        if glue_plan.passes_packed(name, layer, readers, self.graph,
                                                  self.shapes, self.target)}
         self.readers = readers
+        self.amx_layouts = {}
+        for name in readers:
+            layout = glue_plan.amx_layout(name, readers, self.graph, self.shapes, self.target)
+            if layout is not None:
+                self.amx_layouts[name] = layout
+        self.amx_only = {name for name, layer in self.fused.items()
+                         if name in self.amx_layouts and glue_plan.writes_amx_layout(
+                             name, layer, readers, self.graph, self.target)}
         for op in self.graph.ops:
             if isinstance(op, (ir.Conv, ir.Linear)) and any(
                     r is op for r in self.fused.values()):
@@ -128,6 +143,30 @@ class _Builder:
         symbol = f"unpack_{shape_tag(shape)}_b{bits}"
         self.call(value, symbol, lambda: bitserial_packed.unpack_codes(shape, bits, self.target),
                   [packed], trace_only=True)
+
+    def emit_amx_layout(self, value: str, emit) -> None:
+        """``emit(name)`` computes ``value`` in its AMX layout under ``name``; the trace unpacks
+        it to the int32 codes every other value is traced as."""
+        layout, stored = self.amx_layouts[value], f"{value}:amx"
+        self.shapes[stored] = layout.shape
+        emit(stored)
+        symbol = f"amx_unpack_{layout.tag}"
+        self.call(value, symbol, lambda: amx.unpack_kernel(layout, symbol), [stored],
+                  trace_only=True)
+
+    def amx_input(self, value: str) -> str:
+        """The value holding ``value``'s codes in its AMX layout, packed from its int32 codes
+        (once, for every AMX reader) unless its layer stores them only that way."""
+        stored = f"{value}:amx"
+        if stored not in self.shapes:
+            layout = self.amx_layouts[value]
+            self.shapes[stored] = layout.shape
+            symbol = f"amx_pack_{layout.tag}"
+            source = self.materialized(value)
+            self.call(stored, symbol,
+                      lambda: amx.pack_kernel(self.shapes[source], layout, symbol), [source],
+                      "uint8", traced=False)
+        return stored
 
     def _integers(self, name: str) -> tuple[list[str], Terms]:
         """The values and terms giving the integers ``name`` stands for: codes with affine

@@ -11,8 +11,9 @@ import numpy as np
 
 from qcompile import integer_ir as ir
 from qcompile.backends.tvm import glue_plan
-from qcompile.backends.tvm.kernels import bitserial, bitserial_packed, direct
+from qcompile.backends.tvm.kernels import amx, bitserial, bitserial_packed, direct
 from qcompile.backends.tvm.kernels.epilogue import Epilogue
+from qcompile.backends.tvm.stored_params import AmxWeight
 from qcompile.errors import NotDeployableError
 
 
@@ -28,7 +29,10 @@ def plan_layer(builder, op, value: str, epilogue: Epilogue, extra: list) -> None
     if conv and len(weight.shape) != 4:
         raise NotDeployableError(f"{op.layer}: the TVM backend compiles 2-d convolutions")
     tag = f"{shape_tag(shape_in)}_{shape_tag(weight.shape)}_{epilogue.tag}"
-    if glue_plan.bit_serial(op, builder.graph):
+    if glue_plan.on_amx(op, builder.graph, builder.target):
+        _plan_amx(builder, op, value, epilogue, extra)
+        return
+    if glue_plan.bit_serial(op, builder.graph, builder.target):
         alpha, beta = weight.affine
         packed_in, packed_out = op.input in builder.packed, value in builder.packed
         out_bits = builder.graph.values[value].bits if packed_out else 0
@@ -73,6 +77,28 @@ def plan_layer(builder, op, value: str, epilogue: Epilogue, extra: list) -> None
             shape_in, integers.shape, dtype, epilogue, builder.target, input_range=span)
     builder.kernel_kinds[op.layer] = f"direct {dtype}"
     builder.call(value, symbol, build, [data, np.ascontiguousarray(stored), *extra])
+
+
+def _plan_amx(builder, op, value: str, epilogue: Epilogue, extra: list) -> None:
+    """An AMX conv from its input's layout into int32 NCHW or, where the plan stores the
+    codes only that way, into its readers' layout."""
+    conv = glue_plan.amx_geometry(op, builder.amx_layouts[op.input])
+    output = builder.amx_layouts[value] if value in builder.amx_only else None
+    symbol = f"amx_conv_{conv.tag}_{epilogue.tag}" + (f"_to_{output.tag}" if output else "")
+    packed = op.weight
+    stored = AmxWeight(packed.bits, tuple(packed.shape), packed.words,
+                       packed.levels.numpy().astype(np.int8), conv.source.padded_channels,
+                       conv.padded_out_channels)
+    weight = stored.array()
+    builder.stored[id(weight)] = stored
+    build = lambda: amx.conv2d_kernel(conv, epilogue, output, symbol)  # noqa: E731
+    args = [builder.amx_input(op.input), weight, *extra]
+    builder.kernel_kinds[op.layer] = "amx"
+    if output is None:
+        builder.call(value, symbol, build, args)
+        return
+    builder.emit_amx_layout(value, lambda stored: builder.call(
+        stored, symbol, build, args, "uint8", traced=False))
 
 
 def shape_tag(shape) -> str:

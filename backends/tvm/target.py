@@ -2,12 +2,17 @@
 
 ``"llvm"`` is this machine's CPU as LLVM names it (``tvm.target.codegen.llvm_get_system_cpu()``;
 never ``"native"``, which TVM 0.27 silently turns into a generic CPU without AVX-512) with as many
-cores as the process may use. ``"cuda"`` is an sm_80 GPU, ``"cuda:sm_90"`` another
+cores as the process may use, plus AMX-INT8 where this CPU has it and Linux lets the process use
+it (:mod:`.amx_host`; LLVM names some such CPUs after an earlier model without AMX, so the
+features are added to the CPU's). ``"llvm:CPU"`` is that CPU as LLVM knows it, AMX included
+only if the CPU has it. ``"cuda"`` is an sm_80 GPU, ``"cuda:sm_90"`` another
 architecture. A dict is passed to ``tvm.target.Target`` as it is.
 """
 
 import tvm
 
+from qcompile.backends.tvm import amx_host
+from qcompile.backends.tvm.kernels import amx
 from qcompile.backends.tvm.threads import CORES
 from qcompile.errors import ConfigError
 
@@ -23,8 +28,11 @@ def resolve_target(target: "str | dict | tvm.target.Target") -> tvm.target.Targe
         raise ConfigError(f"target must be 'llvm', 'cuda', 'cuda:sm_XX' or a dict, got {target!r}")
     kind, _, detail = target.partition(":")
     if kind == "llvm":
-        cpu = detail or tvm.target.codegen.llvm_get_system_cpu()
-        return _checked({"kind": "llvm", "mcpu": cpu, "num-cores": len(CORES)})
+        spec = {"kind": "llvm", "mcpu": detail or tvm.target.codegen.llvm_get_system_cpu(),
+                "num-cores": len(CORES)}
+        if not detail and amx_host.enabled():
+            spec["mattr"] = [f"+{feature}" for feature in amx.FEATURES]
+        return _checked(spec)
     if kind == "cuda":
         return _checked({"kind": "cuda", "arch": detail or CUDA_ARCH})
     raise ConfigError(f"unknown target {target!r}: use 'llvm' (this CPU), 'llvm:CPU', 'cuda' "

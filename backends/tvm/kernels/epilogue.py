@@ -64,38 +64,35 @@ def apply_epilogue(acc: te.Tensor, epilogue: Epilogue, extra: list[te.Tensor],
     """The epilogue's TE compute over ``acc`` (int32, channels on ``channel_axis``)."""
     if epilogue.kind == "none":
         return acc
+    return te.compute(acc.shape, lambda *index: epilogue_code(
+        acc(*index), epilogue, extra, index[channel_axis]), name=name)
 
-    def row(index):
-        return index[channel_axis] if epilogue.per_channel else 0
 
+def epilogue_code(value, epilogue: Epilogue, extra, channel):
+    """The int32 the epilogue stores for the int32 sum ``value`` of output channel
+    ``channel``; ``extra`` are its inputs (TE tensors or TIR buffers)."""
+    if epilogue.kind == "none":
+        return value
+    r = channel if epilogue.per_channel else 0
     if epilogue.kind == "thresholds":
         thresholds, direction = extra
-
-        def count(*index):
-            signed = acc(*index).astype("int64") * direction[row(index)]
-            if epilogue.levels <= LINEAR_LEVELS:
-                total = tirx.const(0, "int32")
-                for k in range(epilogue.levels):
-                    total = total + (signed >= thresholds[row(index), k]).astype("int32")
-                return total
-            return _search(signed, thresholds, row(index), epilogue.levels)
-
-        return te.compute(acc.shape, count, name=name)
+        signed = value.astype("int64") * direction[r]
+        if epilogue.levels > LINEAR_LEVELS:
+            return _search(signed, thresholds, r, epilogue.levels)
+        total = tirx.const(0, "int32")
+        for k in range(epilogue.levels):
+            total = total + (signed >= thresholds[r, k]).astype("int32")
+        return total
     multiplier, offset, direction = extra[:3]
-
-    def fixed(*index):
-        r = row(index)
-        signed = acc(*index).astype("int64") * direction[r]
-        shifted = tirx.shift_right(signed * multiplier[r] + offset[r],
-                                   tirx.const(epilogue.shift, "int64"))
-        low = extra[4][r] if epilogue.start else tirx.const(0, "int64")
-        code = tirx.max(tirx.min(shifted, tirx.const(epilogue.levels, "int64")),
-                        low).astype("int32")
-        if not epilogue.start:
-            return code
-        return tirx.Select(signed >= extra[3][r], code, tirx.const(0, "int32"))
-
-    return te.compute(acc.shape, fixed, name=name)
+    signed = value.astype("int64") * direction[r]
+    shifted = tirx.shift_right(signed * multiplier[r] + offset[r],
+                               tirx.const(epilogue.shift, "int64"))
+    low = extra[4][r] if epilogue.start else tirx.const(0, "int64")
+    code = tirx.max(tirx.min(shifted, tirx.const(epilogue.levels, "int64")),
+                    low).astype("int32")
+    if not epilogue.start:
+        return code
+    return tirx.Select(signed >= extra[3][r], code, tirx.const(0, "int32"))
 
 
 def _search(signed, thresholds: te.Tensor, row, levels: int):

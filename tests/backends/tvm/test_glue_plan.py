@@ -12,6 +12,7 @@ from torch import nn
 
 import qcompile
 from batch_norms import randomize_batch_norms
+from cpu_targets import AMX_CPU, BIT_SERIAL, HOST_HAS_AMX
 from qcompile import integer_ir as ir
 from qcompile.backends.tvm import glue_plan
 from qcompile.backends.tvm.lower import lower
@@ -95,7 +96,7 @@ def test_a_residual_network_is_bit_exact_with_folded_adds_pooled_first_and_packe
     x = torch.randn(2, 3, 15, 15, generator=torch.Generator().manual_seed(1))
     qm = qcompile.quantize(model, (x[:1],), bits=2, method="lsq", calib_data=[(x,)])
     graph = _with_falling_stem(qcompile.integerize(qm))
-    lowered = lower(graph, (1, 3, 15, 15), resolve_target("llvm"))
+    lowered = lower(graph, (1, 3, 15, 15), resolve_target(BIT_SERIAL))
     main = str(lowered.module["main"])
     pools = [op for op in graph.ops if isinstance(op, ir.MaxPool)]
     assert len(pools) == 2 and "lookup_" not in main and "add2_" not in main, main
@@ -104,7 +105,7 @@ def test_a_residual_network_is_bit_exact_with_folded_adds_pooled_first_and_packe
         "the body's two bit-serial convs pass packed planes, unpacked in the trace only")
     assert "add1_" not in main and main.count("quantize_1x3x15x15") == 1, (
         "the input quantizer stores the integers the 8-bit stem reads, its codes in the trace")
-    _assert_bit_exact(graph, x)
+    _assert_bit_exact(graph, x, BIT_SERIAL)
 
 
 class ResidualThenConv(Residual):
@@ -127,15 +128,38 @@ def test_a_requantization_read_by_bit_serial_convs_only_stores_packed_planes():
     x = torch.randn(2, 3, 15, 15, generator=torch.Generator().manual_seed(2))
     qm = qcompile.quantize(model, (x[:1],), bits=2, method="lsq", calib_data=[(x,)])
     graph = qcompile.integerize(qm)
-    main = str(lower(graph, (1, 3, 15, 15), resolve_target("llvm")).module["main"])
+    main = str(lower(graph, (1, 3, 15, 15), resolve_target(BIT_SERIAL)).module["main"])
     packed = [line for line in main.splitlines() if "requantize_" in line and "_po2" in line]
     assert packed, main
-    _assert_bit_exact(graph, x)
+    _assert_bit_exact(graph, x, BIT_SERIAL)
 
 
-def _assert_bit_exact(graph: ir.IntegerGraph, x: torch.Tensor) -> None:
+def test_amx_convs_pass_their_layout_and_pack_a_shared_input_once():
+    """On an AMX CPU the body's first conv stores its codes in the second's layout only (the
+    trace unpacks them); the block's input, also read by the add, and the block's output are
+    packed into a layout once each. Lowered for any machine, run where AMX is."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(ResidualThenConv(), 2).eval()
+    x = torch.randn(2, 3, 15, 15, generator=torch.Generator().manual_seed(2))
+    qm = qcompile.quantize(model, (x[:1],), bits=2, method="lsq", calib_data=[(x,)])
+    graph = qcompile.integerize(qm)
+    target = "llvm" if HOST_HAS_AMX else AMX_CPU
+    lowered = lower(graph, (1, 3, 15, 15), resolve_target(target))
+    main, trace = str(lowered.module["main"]), str(lowered.module["trace"])
+    calls = [line for line in main.splitlines() if "call_tir" in line]
+    convs = [line for line in calls if "amx_conv_" in line]
+    assert len(convs) == 3 and sum("_to_" in line for line in convs) == 1, main
+    assert sum("amx_pack_" in line for line in calls) == 2, main
+    assert "amx_unpack_" not in main and "amx_unpack_" in trace
+    assert lowered.kernels == {"stem.0": "direct int8", "body.0": "amx", "body.3": "amx",
+                               "tail.0": "amx", "head": "direct int8"}
+    if HOST_HAS_AMX:
+        _assert_bit_exact(graph, x)
+
+
+def _assert_bit_exact(graph: ir.IntegerGraph, x: torch.Tensor, target="llvm") -> None:
     """Every traced value of the compiled program equals the reference's, on each sample."""
-    compiled = qcompile.compile(graph, "llvm", input_shape=(1, *x.shape[1:]))
+    compiled = qcompile.compile(graph, target, input_shape=(1, *x.shape[1:]))
     for sample in x.split(1):
         produced = compiled.integer_activations(sample)
         expected = graph.integer_activations(sample)

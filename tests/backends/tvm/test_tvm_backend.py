@@ -12,6 +12,7 @@ import torchvision
 
 import qcompile
 from batch_norms import randomize_batch_norms
+from cpu_targets import TARGETS, low_bit_kernel
 from qcompile.data import load_builtin
 from qcompile.errors import ArtifactError, ConfigError, InputError
 from qcompile.models import SmallCNN
@@ -26,11 +27,11 @@ def small(method: str, bits: int):
     return qm, x
 
 
-def assert_bit_exact(qm, x, compiled=None):
+def assert_bit_exact(qm, x, compiled=None, target="llvm"):
     """Every value the compiled module computes equals the reference backend's, and the
     compiled module passes the fidelity check against the simulated model."""
     graph = qcompile.integerize(qm)
-    compiled = compiled or qcompile.compile(graph, "llvm", input_shape=tuple(x[:1].shape))
+    compiled = compiled or qcompile.compile(graph, target, input_shape=tuple(x[:1].shape))
     for sample in x.split(1):
         produced = compiled.integer_activations(sample)
         expected = graph.integer_activations(sample)
@@ -48,26 +49,28 @@ def assert_bit_exact(qm, x, compiled=None):
     return compiled
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize(("method", "bits"), [("lsq", 2), ("qil", 2), ("dq", 4), ("lsq", 1),
                                                ("dorefa", 3)])
-def test_small_cnn_is_bit_exact_with_the_reference(method, bits):
+def test_small_cnn_is_bit_exact_with_the_reference(method, bits, target):
     qm, x = small(method, bits)
-    compiled = assert_bit_exact(qm, x[:2])
+    compiled = assert_bit_exact(qm, x[:2], target=target)
     kernels = {layer["kernel"] for layer in compiled.manifest["layers"]}
-    if bits <= 4 and method != "dq":
-        assert "bit-serial" in kernels, compiled.manifest["layers"]
+    if bits <= 4 and (method != "dq" or low_bit_kernel(target) == "amx"):
+        assert low_bit_kernel(target) in kernels, compiled.manifest["layers"]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
-def test_torchvision_models_are_bit_exact(arch, bits):
+def test_torchvision_models_are_bit_exact(arch, bits, target):
     torch.manual_seed(0)
     model = randomize_batch_norms(getattr(torchvision.models, arch)(weights=None), bits)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     method = "lsq" if bits > 1 else "dorefa"
     qm = qcompile.quantize(model.eval(), (x[:1],), bits=bits, method=method, calib_data=[(x,)])
-    assert_bit_exact(qm, x)
+    assert_bit_exact(qm, x, target=target)
 
 
 @pytest.fixture(scope="module")

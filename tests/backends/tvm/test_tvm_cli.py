@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qcompile
+from cpu_targets import low_bit_kernel
 from qcompile.models import SmallCNN
 
 
@@ -51,7 +52,7 @@ def test_inspect_describes_the_artifact(artifact):
     result = run_cli("inspect", "model.qc", cwd=folder)
     assert result.returncode == 0, result.stderr
     assert "input [1, 1, 28, 28] float32" in result.stdout
-    assert "bit-serial" in result.stdout and "features.1.0" in result.stdout
+    assert low_bit_kernel("llvm") in result.stdout and "features.1.0" in result.stdout
 
 
 def test_run_prints_classes_and_writes_the_output(artifact):
@@ -72,7 +73,8 @@ def test_run_profiles_the_kernels_on_request(artifact):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("0: class ") and lines[1].startswith("profile: median of 2 calls")
-    assert any("bitserial_conv" in line for line in lines[3:])
+    symbol = "amx_conv" if low_bit_kernel("llvm") == "amx" else "bitserial_conv"
+    assert any(symbol in line for line in lines[3:])
     one_line_error(run_cli("run", "model.qc", "--input", "xp.npy", "--profile", "0",
                            cwd=folder), "at least one call")
 

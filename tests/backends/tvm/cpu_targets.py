@@ -1,0 +1,25 @@
+"""The CPU targets the backend tests compile for: this CPU as ``"llvm"`` resolves it and, where
+that runs conv layers on AMX, the same CPU without AMX, so the bit-serial kernels stay tested on
+AMX machines too."""
+
+import pytest
+import tvm
+
+from qcompile.backends.tvm.kernels import amx
+from qcompile.backends.tvm.target import resolve_target
+from qcompile.backends.tvm.threads import CORES
+
+HOST_HAS_AMX = amx.available(resolve_target("llvm"))
+WITHOUT_AMX = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+               "mattr": [f"-{feature}" for feature in amx.FEATURES], "num-cores": len(CORES)}
+BIT_SERIAL = WITHOUT_AMX if HOST_HAS_AMX else "llvm"
+"""This CPU, its low-bit convs on the bit-serial kernels."""
+AMX_CPU = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": len(CORES)}
+"""A CPU with AMX-INT8, to lower and generate code for on any machine."""
+TARGETS = [pytest.param("llvm", id="llvm")] + (
+    [pytest.param(WITHOUT_AMX, id="llvm-without-amx")] if HOST_HAS_AMX else [])
+
+
+def low_bit_kernel(target) -> str:
+    """The kernel kind low-bit conv layers take on ``target``."""
+    return "amx" if amx.available(resolve_target(target)) else "bit-serial"

@@ -1,0 +1,199 @@
+"""The AMX kernels: layouts and weight order against numpy, packing kernels everywhere, AMX
+code generation on any machine, and every conv against torch's int64 convolution (random
+shapes, strides, paddings, code widths, weights and epilogues, both output forms) where the CPU
+has AMX."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpu_targets import AMX_CPU, BIT_SERIAL, HOST_HAS_AMX
+from kernel_cases import epilogues, run
+from qcompile.backends.tvm import amx_host
+from qcompile.backends.tvm.kernels import amx
+from qcompile.backends.tvm.kernels.epilogue import Epilogue
+from qcompile.backends.tvm.target import resolve_target
+
+CASES = settings(max_examples=30, deadline=None)
+needs_amx = pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU or its kernel has no AMX-INT8")
+
+
+@st.composite
+def conv_cases(draw):
+    """A conv over a layout padded at least as much as the conv: its geometry, codes, int8
+    weights and the int64 sums torch computes from them."""
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    pad = max(ph, pw) + draw(st.integers(0, 1))
+    h = draw(st.integers(max(1, kh - 2 * ph), 12))
+    w = draw(st.integers(max(1, kw - 2 * pw), 40))
+    n, c, k = draw(st.integers(1, 2)), draw(st.integers(1, 80)), draw(st.integers(1, 70))
+    bits = draw(st.integers(1, 8))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    codes = rng.integers(0, 2**bits, (n, c, h, w)).astype(np.int32)
+    low, high = draw(st.sampled_from(((-128, 127), (-2, 1), (-1, 1), (0, 1))))
+    weight = rng.integers(low, high + 1, (k, c, kh, kw)).astype(np.int8)
+    probe = amx.Layout(n, c, h, w, pad, 0)
+    conv = amx.Conv(probe, k, (kh, kw), stride, (ph, pw))
+    layout = amx.Layout(n, c, h, w, pad, max(probe.image_rows, conv.rows_read)
+                        + draw(st.integers(0, 40)))
+    conv = amx.Conv(layout, k, (kh, kw), stride, (ph, pw))
+    acc = F.conv2d(torch.from_numpy(codes).long(), torch.from_numpy(weight).long(),
+                   stride=stride, padding=(ph, pw))
+    return conv, codes, weight, acc
+
+
+def layout_arrays(conv: amx.Conv, codes: np.ndarray, weight: np.ndarray, seed: int = 0):
+    """The kernel's data (garbage in the tail and the padded channels, which it must ignore)
+    and weight arrays."""
+    layout = conv.source
+    data = layout.to_layout(codes)
+    garbage = np.random.default_rng(seed).integers(0, 256, data.shape).astype(np.uint8)
+    view = data[:, :layout.image_rows].reshape(layout.batch, -1, layout.padded_width,
+                                               layout.padded_channels)
+    view[..., layout.channels:] = garbage[:, :layout.image_rows].reshape(view.shape)[
+        ..., layout.channels:]
+    data[:, layout.image_rows:] = garbage[:, layout.image_rows:]
+    return data, amx.pack_weight(weight, layout.padded_channels, conv.padded_out_channels)
+
+
+@CASES
+@given(n=st.integers(1, 2), c=st.integers(1, 130), h=st.integers(1, 9), w=st.integers(1, 9),
+       pad=st.integers(0, 2), extra=st.integers(0, 20), seed=st.integers(0, 2**32 - 1))
+def test_layouts_round_trip_with_a_zero_border(n, c, h, w, pad, extra, seed):
+    layout = amx.Layout(n, c, h, w, pad, (h + 2 * pad) * (w + 2 * pad) + extra)
+    codes = np.random.default_rng(seed).integers(0, 256, (n, c, h, w))
+    stored = layout.to_layout(codes)
+    assert stored.shape == (n, layout.rows, -(-c // 64) * 64) and stored.dtype == np.uint8
+    np.testing.assert_array_equal(layout.from_layout(stored), codes)
+    image = stored[:, :layout.image_rows].reshape(n, h + 2 * pad, w + 2 * pad, -1)
+    assert int(image.sum()) == int(codes.sum()), "something besides the codes is not zero"
+
+
+@CASES
+@given(k=st.integers(1, 70), c=st.integers(1, 130), kh=st.integers(1, 3),
+       kw=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+def test_weights_are_interleaved_by_four_input_channels(k, c, kh, kw, seed):
+    weight = np.random.default_rng(seed).integers(-128, 128, (k, c, kh, kw)).astype(np.int8)
+    cp, kp = -(-c // 64) * 64, -(-k // 32) * 32
+    packed = amx.pack_weight(weight, cp, kp)
+    assert packed.shape == (kh * kw, cp // 4, 4 * kp)
+    tap, channel, out = np.meshgrid(np.arange(kh * kw), np.arange(cp), np.arange(kp),
+                                    indexing="ij")
+    expected = np.zeros((kp, cp, kh, kw), np.int8)
+    expected[:k, :c] = weight
+    got = packed[tap, channel // 4, 4 * out + channel % 4]
+    np.testing.assert_array_equal(got, expected.reshape(kp, cp, kh * kw)[out, channel, tap])
+
+
+@CASES
+@given(n=st.integers(1, 2), c=st.integers(1, 70), h=st.integers(1, 9), w=st.integers(1, 9),
+       pad=st.integers(0, 2), extra=st.integers(0, 20), seed=st.integers(0, 2**32 - 1))
+def test_pack_and_unpack_kernels_match_the_layout(n, c, h, w, pad, extra, seed):
+    """No AMX instruction in these two: they run on any CPU."""
+    layout = amx.Layout(n, c, h, w, pad, (h + 2 * pad) * (w + 2 * pad) + extra)
+    codes = np.random.default_rng(seed).integers(0, 256, (n, c, h, w)).astype(np.int32)
+    target = resolve_target(BIT_SERIAL)
+    pack = tvm.compile(tvm.IRModule({"main": amx.pack_kernel(codes.shape, layout, "pack")}),
+                       target)["pack"]
+    stored = tvm.runtime.tensor(np.full(layout.shape, 99, np.uint8))
+    pack(tvm.runtime.tensor(codes), stored)
+    image_rows = layout.image_rows
+    np.testing.assert_array_equal(stored.numpy()[:, :image_rows],
+                                  layout.to_layout(codes)[:, :image_rows])
+    unpack = tvm.compile(tvm.IRModule({"main": amx.unpack_kernel(layout, "unpack")}),
+                         target)["unpack"]
+    np.testing.assert_array_equal(run_unpack(unpack, stored, codes.shape), codes)
+
+
+def run_unpack(kernel, stored, shape) -> np.ndarray:
+    out = tvm.runtime.tensor(np.full(shape, -1, np.int32))
+    kernel(stored, out)
+    return out.numpy()
+
+
+def test_llvm_emits_amx_instructions_for_an_amx_cpu_on_any_machine():
+    layout = amx.Layout(1, 64, 8, 8, 1, 200)
+    conv = amx.Conv(layout, 64, (3, 3), 1, (1, 1))
+    func = amx.conv2d_kernel(conv, Epilogue("thresholds", 3, True), None, "amx_codegen")
+    module = tvm.compile(tvm.IRModule({"main": func}), resolve_target(AMX_CPU))
+    assembly = module.mod.imports[0].inspect_source("asm") if module.mod.imports else \
+        module.mod.inspect_source("asm")
+    for instruction in ("ldtilecfg", "tileloadd", "tdpbusd", "tilestored", "tilerelease"):
+        assert instruction in assembly, instruction
+
+
+def test_the_host_target_has_amx_exactly_when_the_process_may_use_it():
+    assert amx.available(resolve_target("llvm")) == amx_host.enabled()
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    explicit = resolve_target(f"llvm:{cpu}")
+    assert "mattr" not in explicit.export() or not explicit.export()["mattr"]
+
+
+def test_geometry_covers_every_output_pixel_once():
+    """Tiles map onto the output pixels one to one (the rest are dropped), and no tile load
+    reaches past the rows the layout keeps."""
+    for stride, size in ((1, 7), (1, 56), (2, 56), (3, 10), (2, 7)):
+        probe = amx.Layout(1, 8, size, size, 1, 0)
+        conv = amx.Conv(probe, 8, (3, 3), stride, (1, 1))
+        ho, wo = conv.out_size
+        pixels = [conv.pixel(t, r) for t in range(conv.tiles) for r in range(16)]
+        valid = [(int(y), int(x)) for y, x in pixels if y < ho and x < wo]
+        assert sorted(valid) == [(y, x) for y in range(ho) for x in range(wo)]
+        last = conv.start(conv.tiles - 1) + 15 * stride + 2 * probe.padded_width + 2
+        assert conv.rows_read == last + 1
+
+
+@needs_amx
+@CASES
+@given(case=conv_cases(), data=st.data())
+def test_conv_matches_torch(case, data):
+    conv, codes, weight, acc = case
+    epilogue, extra, reference = data.draw(epilogues(conv.out_channels, int(acc.abs().max()) + 1))
+    func = amx.conv2d_kernel(conv, epilogue, None, "amx_conv_case")
+    arrays = [*layout_arrays(conv, codes, weight), *extra]
+    got = run(func, resolve_target("llvm"), arrays, tuple(acc.shape))
+    np.testing.assert_array_equal(got, reference(acc).numpy())
+
+
+@needs_amx
+@CASES
+@given(case=conv_cases(), data=st.data())
+def test_conv_writes_codes_in_the_next_layout(case, data):
+    conv, codes, weight, acc = case
+    epilogue, extra, reference = data.draw(
+        epilogues(conv.out_channels, int(acc.abs().max()) + 1).filter(
+            lambda e: e[0].kind != "none"))
+    n, k, ho, wo = acc.shape
+    pad = data.draw(st.integers(0, 2))
+    output = amx.Layout(n, k, ho, wo, pad, (ho + 2 * pad) * (wo + 2 * pad)
+                        + data.draw(st.integers(0, 30)))
+    func = amx.conv2d_kernel(conv, epilogue, output, "amx_conv_layout_case")
+    executable = tvm.compile(tvm.IRModule({"main": func}), resolve_target("llvm"))
+    stored = tvm.runtime.tensor(np.full(output.shape, 0xA5, np.uint8))
+    executable["amx_conv_layout_case"](
+        *[tvm.runtime.tensor(a) for a in (*layout_arrays(conv, codes, weight), *extra)], stored)
+    result = stored.numpy()
+    expected = reference(acc).numpy()
+    np.testing.assert_array_equal(output.from_layout(result), expected)
+    image = result[:, :output.image_rows].reshape(n, ho + 2 * pad, wo + 2 * pad, -1)
+    border = np.ones(image.shape[1:3], bool)
+    border[pad:pad + ho, pad:pad + wo] = False
+    assert not image[:, border].any(), "the border is not zero"
+
+
+def test_bad_layouts_and_outputs_say_what_is_wrong():
+    layout = amx.Layout(1, 8, 6, 6, 1, 100)
+    with pytest.raises(ValueError, match="exceeds the layout"):
+        amx.Conv(layout, 8, (5, 5), 1, (2, 2))
+    conv = amx.Conv(layout, 8, (3, 3), 1, (1, 1))
+    with pytest.raises(ValueError, match="cannot hold"):
+        amx.conv2d_kernel(conv, Epilogue(), amx.Layout(1, 8, 6, 6, 1, 100), "bad")
+    with pytest.raises(ValueError, match="cannot hold"):
+        amx.conv2d_kernel(conv, Epilogue("thresholds", 3), amx.Layout(1, 9, 6, 6, 1, 100),
+                          "bad")
