@@ -25,14 +25,17 @@ import qcompile
 from e2e import SHAPE, THREADS, onnx_sessions, quantized_resnet18
 
 GROUPS = ["first conv (8-bit)", "3x3 convs", "1x1 convs", "max pool", "classifier",
-          "input quantize", "glue"]
+          "input quantize", "layout packing", "glue"]
 
 
 def ours_group(symbol: str) -> str:
     if symbol.startswith("bitserial_conv"):
         return "1x1 convs" if re.search(r"_\d+x\d+x1x1_", symbol) else "3x3 convs"
+    if symbol.startswith("amx_conv"):
+        return "1x1 convs" if re.search(r"_k\d+x1x1s", symbol) else "3x3 convs"
     prefixes = {"direct_conv": "first conv (8-bit)", "direct_dense": "classifier",
-                "maxpool": "max pool", "quantize_": "input quantize"}
+                "maxpool": "max pool", "quantize_": "input quantize",
+                "amx_pack": "layout packing"}
     return next((group for prefix, group in prefixes.items() if symbol.startswith(prefix)),
                 "glue")
 

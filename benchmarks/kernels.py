@@ -1,4 +1,4 @@
-"""Bit-serial conv kernels against torch fp32 and onnxruntime int8 on ResNet-18's 3x3 layers.
+"""Our conv kernels against torch fp32 and onnxruntime int8 on ResNet-18's 3x3 layers.
 
 Each ResNet-18 3x3 conv shape (64->64 at 56x56, 128->128 at 28x28, 256->256 at 14x14,
 512->512 at 7x7; batch 1, stride 1, padding 1) runs as:
@@ -7,6 +7,10 @@ Each ResNet-18 3x3 conv shape (64->64 at 56x56, 128->128 at 28x28, 256->256 at 1
   activation codes, with the per-channel fixed-point requantization epilogue they are deployed
   with (int32 codes in, int32 codes out; activation packing included);
 - torch fp32 ``F.conv2d``;
+- on CPUs with AMX-INT8, the AMX kernel (:mod:`qcompile.backends.tvm.kernels.amx`) at W2A2, as
+  consecutive AMX layers run it in a compiled model: codes in its input layout, codes out in the
+  next layer's layout (padded channels-last bytes), the same epilogue; the bit-width does not
+  change its speed;
 - onnxruntime int8: a one-conv QDQ model on uint8 codes (DequantizeLinear on the uint8 input and
   the int8 per-channel-scaled weight, QuantizeLinear on the output), which onnxruntime fuses into
   ``QLinearConv``: codes in, codes out, as for the bit-serial kernels.
@@ -45,8 +49,11 @@ import torch.nn.functional as F
 import tvm
 from onnx import TensorProto, helper
 
+from qcompile.backends.tvm import amx_host
 from qcompile.backends.tvm import threads as pool
+from qcompile.backends.tvm.kernels import amx
 from qcompile.backends.tvm.kernels.bitserial import Epilogue, conv2d_kernel, packed_shape
+from qcompile.backends.tvm.target import resolve_target
 from qcompile.packing import pack_bits
 
 PAUSE = 0.3
@@ -56,6 +63,8 @@ LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7)]
 BITS = [(1, "bipolar"), (2, "signed"), (4, "signed")]
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                             "num-cores": 2})
+AMX_TARGET = resolve_target("llvm") if amx_host.enabled() else None
+"""This CPU with AMX, where it has it and the process may use it."""
 
 
 def tvm_runner(channels: int, size: int, bits: int, form: str, rng, packed: bool = False):
@@ -76,6 +85,32 @@ def tvm_runner(channels: int, size: int, bits: int, form: str, rng, packed: bool
               rng.integers(-(2**15), 2**15, channels).astype(np.int64),
               np.ones(channels, np.int64),
               np.zeros(words, np.uint64) if packed else np.zeros(shape, np.int32)]
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    return lambda: kernel(*args)
+
+
+def amx_runner(channels: int, size: int, bits: int, rng):
+    """A zero-argument call of the AMX kernel on W{bits}A{bits} codes as consecutive AMX layers
+    run it: codes in the input layout, codes out in the next layer's layout, the same
+    fixed-point epilogue as :func:`tvm_runner`."""
+    levels = 2**bits - 1
+    epilogue = Epilogue("fixed_point", levels, True, 16)
+    probe = amx.Layout(1, channels, size, size, 1, 0)
+    layout = amx.Layout(1, channels, size, size, 1,
+                        max(probe.image_rows, amx.Conv(probe, channels, (3, 3), 1, (1, 1))
+                            .rows_read))
+    conv = amx.Conv(layout, channels, (3, 3), 1, (1, 1))
+    symbol = f"amx_w{bits}_{channels}_{size}"
+    func = amx.conv2d_kernel(conv, epilogue, layout, symbol)
+    kernel = tvm.compile(tvm.IRModule({"main": func}), AMX_TARGET)[symbol]
+    weight = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (channels, channels, 3, 3))
+    arrays = [layout.to_layout(rng.integers(0, 2**bits, (1, channels, size, size))),
+              amx.pack_weight(weight.astype(np.int8), layout.padded_channels,
+                              conv.padded_out_channels),
+              rng.integers(1, 2**10, channels).astype(np.int64),
+              rng.integers(-(2**15), 2**15, channels).astype(np.int64),
+              np.ones(channels, np.int64),
+              np.zeros(layout.shape, np.uint8)]
     args = [tvm.runtime.tensor(a) for a in arrays]
     return lambda: kernel(*args)
 
@@ -172,6 +207,8 @@ def main() -> None:
 def measure(channels: int, size: int, args, rng) -> dict[str, list[float]]:
     """Seconds per call of every configuration in each of ``args.rounds`` interleaved rounds."""
     runners = {f"W{b}A{b}": tvm_runner(channels, size, b, form, rng) for b, form in BITS}
+    if AMX_TARGET is not None:
+        runners["AMX W2A2"] = amx_runner(channels, size, 2, rng)
     runners["torch fp32"] = torch_runner(channels, size, rng)
     runners["ort int8"] = ort_runner(channels, size, args.threads, rng)
     times = {name: [] for name in runners}
@@ -214,13 +251,16 @@ def main_packed(args) -> None:
 
 def print_table(rows) -> None:
     names = list(rows[0][1])
+    amx_columns = " AMX vs torch | AMX vs ort |" if "AMX W2A2" in names else ""
     print("| layer | " + " | ".join(f"{n} ms" for n in names)
-          + " | W2A2 vs torch | W2A2 vs ort | W1A1 vs W2A2 |")
-    print("|---" * (len(names) + 4) + "|")
+          + " | W2A2 vs torch | W2A2 vs ort | W1A1 vs W2A2 |" + amx_columns)
+    print("|---" * (len(names) + 4 + amx_columns.count("|")) + "|")
     for layer, m in rows:
+        amx_ratios = (f" {m['torch fp32'] / m['AMX W2A2']:.2f}x |"
+                      f" {m['ort int8'] / m['AMX W2A2']:.2f}x |" if amx_columns else "")
         print(f"| {layer} | " + " | ".join(f"{m[n]:.3f}" for n in names)
               + f" | {m['torch fp32'] / m['W2A2']:.2f}x | {m['ort int8'] / m['W2A2']:.2f}x"
-              + f" | {m['W2A2'] / m['W1A1']:.2f}x |")
+              + f" | {m['W2A2'] / m['W1A1']:.2f}x |" + amx_ratios)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ so ``verify`` checks both):
 - :func:`staircase_table`: a requantization of a small input range without a fixed-point form is
   a table of its codes over the whole range, filled by the reference staircase;
 - :func:`passes_packed`: codes that go from one bit-serial conv to others only travel as the
-  packed bit planes the readers would otherwise pack themselves.
+  packed bit planes the readers would otherwise pack themselves;
+- :func:`writes_amx_layout`: codes that go from one AMX conv to others only travel in the
+  readers' shared layout (:func:`amx_layout`), written by the conv's epilogue.
 """
 
 import numpy as np

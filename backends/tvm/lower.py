@@ -2,14 +2,18 @@
 
 Every op becomes one ``relax.call_tir`` of a pre-scheduled PrimFunc from
 :mod:`qcompile.backends.tvm.kernels`; nothing is left for TVM's default pipeline to (not)
-schedule. Conv and linear layers run bit-serial (:mod:`.kernels.bitserial`) when both operands
-are low-bit codes that stand for themselves (activations ``0..2^b-1``, weights in an unsigned,
-two's-complement or bipolar form, bits <= 4, groups = 1) and direct otherwise
-(:mod:`.kernels.direct`: 8-bit layers, depthwise convs, learned weight tables). A layer whose
-accumulator only feeds one requantization gets it as a fused epilogue, so the accumulator never
-reaches memory. Values between ops are int32 tensors of codes (or accumulators), except codes
-that only bit-serial convs read: those are stored as packed bit planes, by the conv whose
-epilogue computes them or by their requantization kernel.
+schedule. On a CPU with AMX-INT8, convs whose input codes stand for themselves (``0..2^b-1``,
+b <= 8) and whose weights fit int8 run on AMX (:mod:`.kernels.amx`); elsewhere conv and linear
+layers run bit-serial (:mod:`.kernels.bitserial`) when both operands are low-bit codes that stand
+for themselves (activations ``0..2^b-1``, weights in an unsigned, two's-complement or bipolar
+form, bits <= 4, groups = 1); the rest run direct (:mod:`.kernels.direct`: 8-bit layers,
+depthwise convs, learned weight tables). A layer whose accumulator only feeds one requantization
+gets it as a fused epilogue, so the accumulator never reaches memory. Values between ops are
+int32 tensors of codes (or accumulators), except codes that only bit-serial convs read, stored
+as packed bit planes (by the conv whose epilogue computes them or by their requantization
+kernel), and codes that only AMX convs read, stored by the AMX conv that computes them in its
+readers' padded channels-last layout; AMX convs read any other input through one packing kernel
+per value.
 
 Between layers the lowering moves less data than the ops literally say
 (:mod:`.glue_plan`): affine codes reach their consumers as codes, residual adds are folded into

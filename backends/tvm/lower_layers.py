@@ -1,10 +1,13 @@
 """Lowering of conv and linear layers: which kernel computes a layer, and with which parameters.
 
-A layer runs bit-serial (:mod:`.kernels.bitserial`) when both operands are low-bit codes that
-stand for themselves (:func:`.glue_plan.bit_serial`), reading and writing packed bit planes where
-the plan passes them between bit-serial layers; otherwise direct (:mod:`.kernels.direct`) on the
-integers its input codes stand for, with the weight packed ahead of time. Either way the
-requantization that is the layer's only reader is its epilogue.
+A conv runs on AMX (:mod:`.kernels.amx`) where the target has it and its codes and weights fit
+bytes (:func:`.glue_plan.on_amx`), reading its input's AMX layout and writing its readers' where
+the plan passes it between AMX convs. Otherwise a layer runs bit-serial
+(:mod:`.kernels.bitserial`) when both operands are low-bit codes that stand for themselves
+(:func:`.glue_plan.bit_serial`), reading and writing packed bit planes where the plan passes them
+between bit-serial layers; else direct (:mod:`.kernels.direct`) on the integers its input codes
+stand for, with the weight packed ahead of time. Always the requantization that is the layer's
+only reader is its epilogue.
 """
 
 import numpy as np

@@ -30,6 +30,7 @@ from qcompile.backends.tvm.kernels.amx_layout import (
     Conv,
     Layout,
     pack_weight,
+    weight_shape,
 )
 from qcompile.backends.tvm.kernels.epilogue import LINEAR_LEVELS, Epilogue, epilogue_code
 
@@ -91,7 +92,7 @@ def conv2d_kernel(conv: Conv, epilogue: Epilogue, output: "Layout | None", symbo
     with IRBuilder() as builder, T.prim_func():
         _header(symbol)
         data = T.arg("data", T.buffer(source.shape, "uint8"))
-        weight = T.arg("weight", T.buffer((kh * kw, cp // 4, 4 * kp), "int8"))
+        weight = T.arg("weight", T.buffer(weight_shape((kh, kw), cp, kp), "int8"))
         extra = [T.arg(p.name, T.buffer(tuple(int(d) for d in p.shape), p.dtype))
                  for p in epilogue.placeholders(k_out)]
         out_shape = (n_batch, k_out, ho, wo) if output is None else output.shape
@@ -101,8 +102,8 @@ def conv2d_kernel(conv: Conv, epilogue: Epilogue, output: "Layout | None", symbo
                 _zero_border(out, output)
             with T.parallel(0, n_batch * pairs * blocks) as task:
                 n = task // (pairs * blocks)
-                pair = task // blocks % pairs
-                block = task % blocks
+                block = task // pairs % blocks
+                pair = task % pairs
                 _configure_tiles()
                 for acc in range(4):
                     _intrin("tilezero", _tile(acc))
@@ -112,10 +113,10 @@ def conv2d_kernel(conv: Conv, epilogue: Epilogue, output: "Layout | None", symbo
                         _intrin("tileloadd64", _tile(4 + half), data.access_ptr(
                             "r", offset=(n * source.rows + row) * cp + q * TILE_BYTES),
                             tirx.const(s * cp, "int64"))
+                        tile = ((block * kh * kw + i * kw + j) * steps + q) * 2 + half
                         _intrin("tileloadd64", _tile(6 + half), weight.access_ptr(
-                            "r", offset=((i * kw + j) * (cp // 4) + q * TILE_ROWS) * 4 * kp
-                            + block * 4 * BLOCK + half * TILE_BYTES),
-                            tirx.const(4 * kp, "int64"))
+                            "r", offset=tile * TILE_ROWS * TILE_BYTES),
+                            tirx.const(TILE_BYTES, "int64"))
                     for a in range(2):
                         for b in range(2):
                             _intrin("tdpbusd", _tile(2 * a + b), _tile(4 + a), _tile(6 + b))

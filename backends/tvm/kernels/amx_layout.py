@@ -19,8 +19,9 @@ tile load (a stride of ``s Cp`` bytes) reads a tap's 64 channels for all 16:
   and dropped;
 - stride > 1: the 16 are consecutive in one output row, ``ceil(Wo / 16)`` tiles a row.
 
-Weights are stored per tap in AMX's 4-byte-interleaved order,
-``B[i kw + j, c / 4, 4 k + c % 4] = w[k, c, i, j]``.
+Weights are in AMX's 4-byte-interleaved order (a 64 x 16 tile of input by output channels is
+16 rows of 64 bytes, ``row = c / 4``, ``byte = 4 k + c % 4``), each tile 1 KB in a row and the
+tiles in the order a task loads them (:func:`pack_weight`).
 """
 
 from dataclasses import dataclass
@@ -166,13 +167,25 @@ class Conv:
                 f"p{ph}x{pw}")
 
 
+def weight_shape(kernel: tuple[int, int], padded_channels: int, padded_out_channels: int
+                 ) -> tuple[int, ...]:
+    """The shape of :func:`pack_weight`'s array: (Kp / 32, kh kw, Cp / 64, 2, 16, 64)."""
+    kh, kw = kernel
+    return (padded_out_channels // BLOCK, kh * kw, padded_channels // TILE_BYTES, 2, TILE_ROWS,
+            TILE_BYTES)
+
+
 def pack_weight(weight: np.ndarray, padded_channels: int, padded_out_channels: int
                 ) -> np.ndarray:
-    """``weight`` int8 (K, C, kh, kw) as the kernel reads it: (kh kw, Cp / 4, 4 Kp), zero in
-    the padded channels (module docstring); ``Cp``, ``Kp`` as :class:`Conv` pads them."""
+    """``weight`` int8 (K, C, kh, kw) as the kernel reads it, zero in the padded channels; ``Cp``,
+    ``Kp`` as :class:`Conv` pads them. Every tile the kernel loads is 1 KB in a row, in the order
+    one task loads them: ``[K / 32, tap, C / 64, half, c / 4, 4 (k % 16) + c % 4]`` (module
+    docstring)."""
     k, c, kh, kw = weight.shape
     cp, kp = padded_channels, padded_out_channels
     padded = np.zeros((kp, cp, kh, kw), np.int8)
     padded[:k, :c] = weight
-    taps = padded.transpose(2, 3, 1, 0).reshape(kh * kw, cp // 4, 4, kp)
-    return np.ascontiguousarray(taps.transpose(0, 1, 3, 2).reshape(kh * kw, cp // 4, 4 * kp))
+    # (block, half, k16, step, row, c4, tap) -> (block, tap, step, half, row, k16, c4)
+    split = padded.reshape(kp // BLOCK, 2, TILE_ROWS, cp // TILE_BYTES, TILE_ROWS, 4, kh * kw)
+    ordered = split.transpose(0, 6, 3, 1, 4, 2, 5)
+    return np.ascontiguousarray(ordered).reshape(weight_shape((kh, kw), cp, kp))

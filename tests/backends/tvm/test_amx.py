@@ -82,13 +82,14 @@ def test_weights_are_interleaved_by_four_input_channels(k, c, kh, kw, seed):
     weight = np.random.default_rng(seed).integers(-128, 128, (k, c, kh, kw)).astype(np.int8)
     cp, kp = -(-c // 64) * 64, -(-k // 32) * 32
     packed = amx.pack_weight(weight, cp, kp)
-    assert packed.shape == (kh * kw, cp // 4, 4 * kp)
-    tap, channel, out = np.meshgrid(np.arange(kh * kw), np.arange(cp), np.arange(kp),
+    assert packed.shape == (kp // 32, kh * kw, cp // 64, 2, 16, 64)
+    out, channel, tap = np.meshgrid(np.arange(kp), np.arange(cp), np.arange(kh * kw),
                                     indexing="ij")
     expected = np.zeros((kp, cp, kh, kw), np.int8)
     expected[:k, :c] = weight
-    got = packed[tap, channel // 4, 4 * out + channel % 4]
-    np.testing.assert_array_equal(got, expected.reshape(kp, cp, kh * kw)[out, channel, tap])
+    got = packed[out // 32, tap, channel // 64, out % 32 // 16, channel % 64 // 4,
+                 4 * (out % 16) + channel % 4]
+    np.testing.assert_array_equal(got, expected.reshape(kp, cp, kh * kw))
 
 
 @CASES
