@@ -148,8 +148,8 @@ def _compile_parser() -> argparse.ArgumentParser:
                         help="write the rewritten graph to this folder, or, for a path ending "
                         "in .qc, the model compiled for --target (a deployable artifact)")
     parser.add_argument("--target", default="llvm",
-                        help="compile target for --out model.qc: llvm (this CPU), llvm:CPU, "
-                        "cuda, cuda:sm_XX (default llvm)")
+                        help="compile target for --out model.qc: llvm (this CPU, with AMX "
+                        "where it has it), llvm:CPU, cuda, cuda:sm_XX (default llvm)")
     parser.add_argument("--export-onnx", type=Path, metavar="PATH",
                         help="write the quantized model as an ONNX file")
     parser.add_argument("--onnx-format", choices=ONNX_FORMATS, default="qdq",
