@@ -16,8 +16,9 @@ so ``verify`` checks both):
   a table of its codes over the whole range, filled by the reference staircase;
 - :func:`passes_packed`: codes that go from one bit-serial conv to others only travel as the
   packed bit planes the readers would otherwise pack themselves;
-- :func:`writes_amx_layout`: codes that go from one AMX conv to others only travel in the
-  readers' shared layout (:func:`amx_layout`), written by the conv's epilogue.
+- :func:`writes_amx_layout`, :func:`reads_amx_layout`: codes that only AMX convs read only
+  travel in the readers' shared layout (:func:`amx_layout`), written by the epilogue of the conv
+  or the requantization kernel that computes them.
 """
 
 import numpy as np
@@ -136,10 +137,15 @@ def amx_geometry(op: ir.Conv, layout: "amx.Layout") -> "amx.Conv":
 
 def writes_amx_layout(value: str, layer, readers: dict, graph: ir.IntegerGraph, target) -> bool:
     """Whether AMX conv ``layer`` stores the codes ``value`` (its fused requantization) only
-    in the layout of its readers: every reader is an AMX conv, and the codes fit a byte."""
+    in the layout of its readers (:func:`reads_amx_layout`)."""
+    return on_amx(layer, graph, target) and reads_amx_layout(value, readers, graph, target)
+
+
+def reads_amx_layout(value: str, readers: dict, graph: ir.IntegerGraph, target) -> bool:
+    """Whether the codes ``value`` can be stored in an AMX layout only: every reader is an AMX
+    conv, and the codes fit a byte."""
     after = readers.get(value, [])
-    return (on_amx(layer, graph, target) and bool(after) and value != graph.output
-            and len(graph.values[value].levels) <= 256
+    return (bool(after) and value != graph.output and len(graph.values[value].levels) <= 256
             and all(on_amx(r, graph, target) for r in after))
 
 

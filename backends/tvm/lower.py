@@ -257,25 +257,34 @@ class _Builder:
 
     def _requantize(self, value: str, op: ir.Requantize, sources: list[str], terms: Terms,
                     epilogue: Epilogue, extra: list, trace_only: bool = False) -> None:
+        """A requantization kernel storing int32 codes, or the packed planes or AMX layout its
+        readers take when they all take one."""
         shape = self.shapes[value]
         packs = not trace_only and glue_plan.reads_packed(value, self.readers, self.graph,
                                                           self.shapes, self.target)
         bits = self.graph.values[value].bits if packs else 0
-        layout = f"_po{bits}" if bits else ""
+        to_amx = None if trace_only or not glue_plan.reads_amx_layout(
+            value, self.readers, self.graph, self.target) else self.amx_layouts[value]
+        layout = f"_po{bits}" if bits else f"_to_{to_amx.tag}" if to_amx else ""
         table = glue_plan.staircase_table(op, self.graph.values.get(op.input))
         if table is not None:
             low, codes = table
             symbol = (f"requantize_table{shape_tag(codes.shape)}{codes.dtype}_"
                       f"{shape_tag(shape)}{terms.tag}_l{low}{layout}").replace("-", "m")
             build = lambda: glue.requantize_table(  # noqa: E731
-                shape, terms, low, codes.shape, str(codes.dtype), self.target, symbol, bits)
+                shape, terms, low, codes.shape, str(codes.dtype), self.target, symbol, bits,
+                to_amx)
             args = [*sources, codes]
         else:
             channels = shape[1] if len(shape) > 1 else 1
             symbol = f"requantize_{epilogue.tag}_{shape_tag(shape)}{terms.tag}{layout}"
             build = lambda: glue.requantize(  # noqa: E731
-                shape, epilogue, channels, self.target, symbol, terms, bits)
+                shape, epilogue, channels, self.target, symbol, terms, bits, to_amx)
             args = [*sources, *extra]
+        if to_amx is not None:
+            self.emit_amx_layout(value, lambda stored: self.call(
+                stored, symbol, build, args, "uint8", traced=False))
+            return
         if not bits:
             self.call(value, symbol, build, args, trace_only=trace_only)
             return

@@ -1,11 +1,11 @@
 """Parameters an artifact stores smaller than the kernels read them, rebuilt when it loads.
 
 An AMX conv reads its weight as int8 bytes, zero-padded and interleaved
-(:func:`.kernels.amx.pack_weight`): four times a float weight's bits / 32 for 2-bit codes, and
-more where channels are padded. The artifact stores the layer's packed codes and level table
-instead (:class:`AmxWeight`, the integer program's own form, ``bits`` per weight) and the
-manifest the recipe; :func:`from_recipe` and :meth:`AmxWeight.array` make the kernel's array again when the module is
-loaded.
+(:func:`.kernels.amx.pack_weight`): 8 bits a weight, four times what 2-bit codes need, and more
+where channels are padded. The artifact stores the layer's packed codes and level table instead
+(:class:`AmxWeight`, the integer program's own form, ``bits`` per weight) and the manifest the
+recipe; :func:`from_recipe` and :meth:`AmxWeight.array` make the kernel's array again when the
+module is loaded.
 """
 
 from dataclasses import dataclass

@@ -18,6 +18,8 @@ The process must ask Linux for the tile state once before any AMX instruction ru
 (:mod:`qcompile.backends.tvm.amx_host`).
 """
 
+import contextlib
+
 import tvm
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
@@ -198,29 +200,51 @@ def _zero_border(out, layout: Layout) -> None:
         n, y = task // hp, task % hp
         with T.serial(0, wp) as x:
             border = tirx.any(y < p, y >= p + layout.height, x < p, x >= p + layout.width)
-            with T.If(border), T.Then(), T.vectorized(0, cp) as c:
+            with T.If(border), T.Then(), _vectors(cp) as c:
                 T.buffer_store(out, tirx.const(0, "uint8"), [n, y * wp + x, c])
 
 
-def pack_kernel(shape, layout: Layout, symbol: str) -> tvm.tirx.PrimFunc:
+def pack_kernel(shape, layout: Layout, symbol: str, inputs=None, code=None
+                ) -> tvm.tirx.PrimFunc:
     """A PrimFunc ``(codes, out)``: int32 (N, C, H, W) codes 0..255 into uint8 ``layout``
-    (border and padded channels zero)."""
+    (border and padded channels zero).
+
+    With ``inputs`` (placeholders: name, shape and dtype of each kernel input) and ``code``
+    (``code(buffers, n, c, y, x)``, the int32 code of that element from the input buffers), it
+    stores those codes instead: a glue kernel (a requantization) that writes a layout."""
     n_batch, channels, height, width = (int(d) for d in shape)
+    if inputs is None:
+        inputs = [tvm.te.placeholder(shape, "int32", name="codes")]
+        code = lambda buffers, *index: buffers[0][index]  # noqa: E731
     p, wp, cp = layout.pad, layout.padded_width, layout.padded_channels
     hp = height + 2 * p
     with IRBuilder() as builder, T.prim_func():
         _header(symbol)
-        codes = T.arg("codes", T.buffer((n_batch, channels, height, width), "int32"))
+        buffers = [T.arg(x.name, T.buffer(tuple(int(d) for d in x.shape), x.dtype))
+                   for x in inputs]
         out = T.arg("out", T.buffer(layout.shape, "uint8"))
         with T.sblock("root"), T.parallel(0, n_batch * hp) as task:
             n, y = task // hp, task % hp
             inside = tirx.all(y >= p, y < p + height)
-            with T.serial(0, wp) as x, T.vectorized(0, cp) as c:
+            with T.serial(0, wp) as x, _vectors(cp) as c:
                 T.buffer_store(out, tirx.const(0, "uint8"), [n, y * wp + x, c])
-            with T.If(inside), T.Then(), T.grid(channels, width) as (c, x):
-                T.buffer_store(out, codes[n, c, y - p, x].astype("uint8"),
-                               [n, y * wp + x + p, c])
+            with T.If(inside), T.Then():
+                row = T.alloc_buffer((channels, width), "uint8", scope="local")
+                with T.serial(0, channels) as c, _vectors(width) as x:
+                    T.buffer_store(row, code(buffers, n, c, y - p, x).astype("uint8"), [c, x])
+                with T.serial(0, width) as x, _vectors(channels) as c:
+                    T.buffer_store(out, row[c, x], [n, y * wp + x + p, c])
     return builder.get()
+
+
+@contextlib.contextmanager
+def _vectors(extent: int):
+    """A loop over ``range(extent)`` in vectors of 16, 8 or 4 lanes (the widest that divides
+    it), one by one if none does: a vector loop as wide as the whole extent (56 pixels, 512
+    channels) took LLVM seconds to compile per kernel."""
+    lanes = next((n for n in (16, 8, 4) if extent % n == 0), 1)
+    with T.serial(0, extent // lanes) as outer, T.vectorized(0, lanes) as inner:
+        yield outer * lanes + inner
 
 
 def unpack_kernel(layout: Layout, symbol: str) -> tvm.tirx.PrimFunc:

@@ -20,8 +20,8 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from qcompile.backends.tvm.kernels import bitserial_packed
-from qcompile.backends.tvm.kernels.epilogue import Epilogue, apply_epilogue
+from qcompile.backends.tvm.kernels import amx, bitserial_packed
+from qcompile.backends.tvm.kernels.epilogue import Epilogue, apply_epilogue, epilogue_code
 
 INT32_MIN = -(2**31)
 CUDA_THREADS = 256
@@ -175,34 +175,42 @@ def _codes_out(tensors: list[te.Tensor], codes: te.Tensor, packed_bits: int, tar
 
 
 def requantize(shape, epilogue: Epilogue, channels: int, target, symbol: str,
-               terms: Terms = Terms((1,)), packed_bits: int = 0) -> tirx.PrimFunc:
+               terms: Terms = Terms((1,)), packed_bits: int = 0, layout=None
+               ) -> tirx.PrimFunc:
     """Integers (``terms`` of int32 tensors, channels on axis 1) to codes, by the epilogue's
-    staircase; stored packed in ``packed_bits`` planes if given."""
+    staircase; stored packed in ``packed_bits`` planes if given, or in an AMX ``layout``."""
     inputs, acc = _integers(shape, terms)
     extra = epilogue.placeholders(channels)
+    if layout is not None:
+        count = len(inputs)
+        return amx.pack_kernel(shape, layout, symbol, [*inputs, *extra], lambda b, *i: (
+            epilogue_code(terms.apply([x[i] for x in b[:count]]), epilogue, b[count:], i[1])))
     out = apply_epilogue(acc, epilogue, extra)
     return _codes_out([*inputs, *extra], out, packed_bits, target, symbol)
 
 
 def requantize_table(shape, terms: Terms, low: int, table_shape: tuple[int, int],
-                     table_dtype: str, target, symbol: str, packed_bits: int = 0
+                     table_dtype: str, target, symbol: str, packed_bits: int = 0, layout=None
                      ) -> tirx.PrimFunc:
     """Integers ``V`` in ``[low, low + width)`` to codes by a table: ``table[row, V - low]``
     (``table_shape = (rows, width)``; rows 1, or one per channel of axis 1), stored narrow
     (:func:`narrow`) and widened here. The lowering fills the table with the reference
     staircase on the whole range, so the kernel is exact by construction; the index is clamped
     into the table (a no-op on the proven range) so no read can leave it. Stored packed in
-    ``packed_bits`` planes if given."""
+    ``packed_bits`` planes if given, or in an AMX ``layout``."""
     inputs = [te.placeholder(shape, "int32", name=f"x{k}") for k in range(len(terms.scales))]
     rows, width = table_shape
     table = te.placeholder(table_shape, table_dtype, name="table")
 
-    def code(*i):
-        index = terms.apply([x(*i) for x in inputs]) - tirx.const(low, "int32")
+    def code(reads, table, i):
+        index = terms.apply(reads) - tirx.const(low, "int32")
         index = tvm.te.max(tvm.te.min(index, width - 1), 0)
         return table[i[1] if rows > 1 else 0, index].astype("int32")
 
-    out = te.compute(shape, code, name="codes")
+    if layout is not None:
+        return amx.pack_kernel(shape, layout, symbol, [*inputs, table], lambda b, *i: code(
+            [x[i] for x in b[:-1]], b[-1], i))
+    out = te.compute(shape, lambda *i: code([x(*i) for x in inputs], table, i), name="codes")
     return _codes_out([*inputs, table], out, packed_bits, target, symbol)
 
 

@@ -9,7 +9,7 @@ import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcompile.backends.tvm.kernels import glue, pooling
+from qcompile.backends.tvm.kernels import amx, glue, pooling
 from qcompile.backends.tvm.kernels.bitserial_packed import pack_codes, packed_shape, unpack_codes
 from qcompile.backends.tvm.kernels.epilogue import Epilogue
 from qcompile.requantization import apply_fixed_point, apply_staircase
@@ -230,6 +230,39 @@ def test_packed_requantize_stores_the_reference_codes_as_packed_planes(channels,
     np.testing.assert_array_equal(words, reference)
     np.testing.assert_array_equal(
         run(unpack_codes(shape, bits, CPU), words, out_shape=shape), expected)
+
+
+@settings(max_examples=12, deadline=None)
+@given(channels=st.sampled_from((1, 5, 64, 65)), h=st.integers(1, 9), w=st.integers(1, 9),
+       pad=st.integers(0, 2), levels=st.sampled_from((1, 3, 15, 255)), table=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_requantize_stores_the_reference_codes_in_an_amx_layout(channels, h, w, pad, levels,
+                                                                table, seed):
+    """A requantization of a folded add, by thresholds or by a table, stored in the padded
+    channels-last layout AMX convs read (no AMX instruction: it runs on any CPU): the codes of
+    the reference staircase, the border zero."""
+    rng = np.random.default_rng(seed)
+    shape = (1, channels, h, w)
+    codes = [rng.integers(0, 256, shape).astype("int32") for _ in range(2)]
+    terms = glue.Terms((1, 1), -256)
+    v = torch.from_numpy(codes[0].astype(np.int64) + codes[1] - 256)
+    thresholds = torch.from_numpy(np.sort(rng.integers(-300, 300, (channels, levels)), axis=1))
+    direction = torch.from_numpy(rng.choice([-1, 1], channels))
+    expected = apply_staircase(v, thresholds, direction).numpy()
+    layout = amx.Layout(1, channels, h, w, pad, (h + 2 * pad) * (w + 2 * pad) + 7)
+    if table:
+        values = torch.arange(-256, 255).expand(1, channels, 511)
+        lookup = glue.narrow(apply_staircase(values, thresholds, direction)[0].numpy())
+        func = glue.requantize_table(shape, terms, -256, lookup.shape, str(lookup.dtype), CPU,
+                                     "table", layout=layout)
+        inputs = [*codes, lookup]
+    else:
+        func = glue.requantize(shape, Epilogue("thresholds", levels, True), channels, CPU,
+                               "requantize", terms, layout=layout)
+        inputs = [*codes, thresholds.numpy(), direction.numpy()]
+    stored = run(func, *inputs, out_shape=layout.shape, dtype="uint8")
+    image = layout.image_rows
+    np.testing.assert_array_equal(stored[:, :image], layout.to_layout(expected)[:, :image])
 
 
 @EXAMPLES

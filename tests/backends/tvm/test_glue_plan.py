@@ -134,10 +134,11 @@ def test_a_requantization_read_by_bit_serial_convs_only_stores_packed_planes():
     _assert_bit_exact(graph, x, BIT_SERIAL)
 
 
-def test_amx_convs_pass_their_layout_and_pack_a_shared_input_once():
-    """On an AMX CPU the body's first conv stores its codes in the second's layout only (the
-    trace unpacks them); the block's input, also read by the add, and the block's output are
-    packed into a layout once each. Lowered for any machine, run where AMX is."""
+def test_amx_convs_and_requantizations_store_codes_in_the_readers_layout():
+    """On an AMX CPU the body's first conv stores its codes in the second's layout only, and
+    so do the requantizations whose codes only AMX convs read (the block input's for the body,
+    the block output's for the tail); the trace unpacks them. Nothing is stored twice or
+    packed. Lowered for any machine, run where AMX is."""
     torch.manual_seed(0)
     model = randomize_batch_norms(ResidualThenConv(), 2).eval()
     x = torch.randn(2, 3, 15, 15, generator=torch.Generator().manual_seed(2))
@@ -149,7 +150,9 @@ def test_amx_convs_pass_their_layout_and_pack_a_shared_input_once():
     calls = [line for line in main.splitlines() if "call_tir" in line]
     convs = [line for line in calls if "amx_conv_" in line]
     assert len(convs) == 3 and sum("_to_" in line for line in convs) == 1, main
-    assert sum("amx_pack_" in line for line in calls) == 2, main
+    requantizations = [line for line in calls if "requantize_" in line]
+    assert sum("_to_" in line for line in requantizations) == 2, main
+    assert not any("amx_pack_" in line for line in calls), main
     assert "amx_unpack_" not in main and "amx_unpack_" in trace
     assert lowered.kernels == {"stem.0": "direct int8", "body.0": "amx", "body.3": "amx",
                                "tail.0": "amx", "head": "direct int8"}
