@@ -1,7 +1,9 @@
 """The AMX kernels: layouts and weight order against numpy, packing kernels everywhere, AMX
 code generation on any machine, and every conv against torch's int64 convolution (random
 shapes, strides, paddings, code widths, weights and epilogues, both output forms) where the CPU
-has AMX."""
+has AMX; an artifact's stored AMX weights, and the refusal to run AMX kernels without AMX."""
+
+import json
 
 import numpy as np
 import pytest
@@ -11,12 +13,17 @@ import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import qcompile
 from cpu_targets import AMX_CPU, BIT_SERIAL, HOST_HAS_AMX
 from kernel_cases import epilogues, run
 from qcompile.backends.tvm import amx_host
+from qcompile.backends.tvm.compiled import CompiledModule
 from qcompile.backends.tvm.kernels import amx
 from qcompile.backends.tvm.kernels.epilogue import Epilogue
+from qcompile.backends.tvm.stored_params import AmxWeight, from_recipe
 from qcompile.backends.tvm.target import resolve_target
+from qcompile.errors import ArtifactError
+from qcompile.packing import pack_bits
 
 CASES = settings(max_examples=30, deadline=None)
 needs_amx = pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU or its kernel has no AMX-INT8")
@@ -198,3 +205,50 @@ def test_bad_layouts_and_outputs_say_what_is_wrong():
     with pytest.raises(ValueError, match="cannot hold"):
         amx.conv2d_kernel(conv, Epilogue("thresholds", 3), amx.Layout(1, 9, 6, 6, 1, 100),
                           "bad")
+
+
+@CASES
+@given(k=st.integers(1, 40), c=st.integers(1, 70), bits=st.integers(1, 8),
+       seed=st.integers(0, 2**32 - 1))
+def test_a_stored_weight_rebuilds_the_kernels_array(k, c, bits, seed):
+    """An artifact keeps an AMX weight as packed codes and a level table; the recipe in its
+    manifest and those arrays give back the int8 array the kernel reads."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 2**bits, (k, c, 3, 3))
+    levels = np.sort(rng.integers(-128, 128, (k, 2**bits)), axis=1).astype(np.int8)
+    cp, kp = -(-c // 64) * 64, -(-k // 32) * 32
+    weight = AmxWeight(bits, (k, c, 3, 3), pack_bits(codes, bits, axis=1), levels, cp, kp)
+    integers = np.take_along_axis(levels, codes.reshape(k, -1), 1).reshape(codes.shape)
+    expected = amx.pack_weight(integers.astype(np.int8), cp, kp)
+    np.testing.assert_array_equal(weight.array(), expected)
+    stored = {name: a.copy() for name, a in weight.stored().items()}
+    assert sum(a.nbytes for a in stored.values()) < expected.nbytes or bits == 8
+    rebuilt = from_recipe(json.loads(json.dumps(weight.recipe())), stored)
+    np.testing.assert_array_equal(rebuilt.array(), expected)
+    with pytest.raises(ArtifactError, match="unknown stored parameter"):
+        from_recipe(dict(weight.recipe(), kind="other"), stored)
+
+
+def test_a_module_with_amx_kernels_refuses_to_run_where_amx_is_not(monkeypatch):
+    """Checked before the first call, on any machine: a manifest that lists AMX kernels and a
+    process without AMX is an ArtifactError, not a SIGILL."""
+    graph = qcompile.integerize(tiny_model())
+    compiled = qcompile.compile(graph, BIT_SERIAL, input_shape=(1, 1, 12, 12))
+    manifest = dict(compiled.manifest, layers=[dict(layer, kernel="amx")
+                                               for layer in compiled.manifest["layers"]])
+    foreign = CompiledModule(compiled.executable, compiled._params_numpy, manifest,
+                             compiled.traced)
+    monkeypatch.setattr(amx_host, "enabled", lambda: False)
+    with pytest.raises(ArtifactError, match="does not provide AMX-INT8"):
+        foreign(np.zeros((1, 1, 12, 12), np.float32))
+    monkeypatch.setattr(amx_host, "enabled", lambda: True)
+    assert foreign(np.zeros((1, 1, 12, 12), np.float32)).shape == (1, 4)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 4)).eval()
+    x = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    return qcompile.quantize(model, (x[:1],), bits=2, method="lsq", calib_data=[(x,)])
