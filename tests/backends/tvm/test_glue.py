@@ -197,6 +197,27 @@ def test_requantize_is_the_reference_staircase(channels, levels, per_channel, se
                                   expected)
 
 
+def requantization_of_an_add(rng, shape, levels: int, table: bool, **stored):
+    """A requantization (by per-channel thresholds, or by a table of them) of a folded add of
+    two code tensors, stored as ``stored`` says; its inputs; the reference staircase's codes."""
+    channels = shape[1]
+    codes = [rng.integers(0, 256, shape).astype("int32") for _ in range(2)]
+    terms = glue.Terms((1, 1), -256)
+    v = torch.from_numpy(codes[0].astype(np.int64) + codes[1] - 256)
+    thresholds = torch.from_numpy(np.sort(rng.integers(-300, 300, (channels, levels)), axis=1))
+    direction = torch.from_numpy(rng.choice([-1, 1], channels))
+    expected = apply_staircase(v, thresholds, direction).numpy()
+    if table:
+        values = torch.arange(-256, 255).expand(1, channels, 511)
+        lookup = glue.narrow(apply_staircase(values, thresholds, direction)[0].numpy())
+        func = glue.requantize_table(shape, terms, -256, lookup.shape, str(lookup.dtype), CPU,
+                                     "table", **stored)
+        return func, [*codes, lookup], expected
+    func = glue.requantize(shape, Epilogue("thresholds", levels, True), channels, CPU,
+                           "requantize", terms, **stored)
+    return func, [*codes, thresholds.numpy(), direction.numpy()], expected
+
+
 @settings(max_examples=12, deadline=None)
 @given(channels=st.sampled_from((1, 5, 64, 65, 128)),
        spatial=st.lists(st.integers(1, 17), max_size=2), levels=st.sampled_from((1, 3, 7, 15)),
@@ -205,25 +226,11 @@ def test_packed_requantize_stores_the_reference_codes_as_packed_planes(channels,
                                                                        table, seed):
     """A requantization of a folded add, by thresholds or by a table, stored as the packed planes
     that bit-serial layers read: the words are those of the reference staircase's codes."""
-    rng = np.random.default_rng(seed)
     shape = (1, channels, *spatial)
-    codes = [rng.integers(0, 256, shape).astype("int32") for _ in range(2)]
-    terms = glue.Terms((1, 1), -256)
-    v = torch.from_numpy(codes[0].astype(np.int64) + codes[1] - 256)
-    thresholds = torch.from_numpy(np.sort(rng.integers(-300, 300, (channels, levels)), axis=1))
-    direction = torch.from_numpy(rng.choice([-1, 1], channels))
-    expected = apply_staircase(v, thresholds, direction).numpy().astype("int32")
     bits = levels.bit_length()
-    if table:
-        values = torch.arange(-256, 255).expand(1, channels, 511)
-        lookup = glue.narrow(apply_staircase(values, thresholds, direction)[0].numpy())
-        func = glue.requantize_table(shape, terms, -256, lookup.shape, str(lookup.dtype), CPU,
-                                     "table", packed_bits=bits)
-        inputs = [*codes, lookup]
-    else:
-        func = glue.requantize(shape, Epilogue("thresholds", levels, True), channels, CPU,
-                               "requantize", terms, packed_bits=bits)
-        inputs = [*codes, thresholds.numpy(), direction.numpy()]
+    func, inputs, expected = requantization_of_an_add(np.random.default_rng(seed), shape, levels,
+                                                      table, packed_bits=bits)
+    expected = expected.astype("int32")
     words = run(func, *inputs, out_shape=packed_shape(shape, bits, CPU), dtype="uint64")
     reference = run(pack_codes(shape, bits, CPU), expected,
                     out_shape=packed_shape(shape, bits, CPU), dtype="uint64")
@@ -240,26 +247,11 @@ def test_requantize_stores_the_reference_codes_in_an_amx_layout(channels, h, w, 
                                                                 table, seed):
     """A requantization of a folded add, by thresholds or by a table, stored in the padded
     channels-last layout AMX convs read (no AMX instruction: it runs on any CPU): the codes of
-    the reference staircase, the border zero."""
-    rng = np.random.default_rng(seed)
+    the reference staircase (the border is the packing kernel's, tested with it)."""
     shape = (1, channels, h, w)
-    codes = [rng.integers(0, 256, shape).astype("int32") for _ in range(2)]
-    terms = glue.Terms((1, 1), -256)
-    v = torch.from_numpy(codes[0].astype(np.int64) + codes[1] - 256)
-    thresholds = torch.from_numpy(np.sort(rng.integers(-300, 300, (channels, levels)), axis=1))
-    direction = torch.from_numpy(rng.choice([-1, 1], channels))
-    expected = apply_staircase(v, thresholds, direction).numpy()
     layout = amx.Layout(1, channels, h, w, pad, (h + 2 * pad) * (w + 2 * pad) + 7)
-    if table:
-        values = torch.arange(-256, 255).expand(1, channels, 511)
-        lookup = glue.narrow(apply_staircase(values, thresholds, direction)[0].numpy())
-        func = glue.requantize_table(shape, terms, -256, lookup.shape, str(lookup.dtype), CPU,
-                                     "table", layout=layout)
-        inputs = [*codes, lookup]
-    else:
-        func = glue.requantize(shape, Epilogue("thresholds", levels, True), channels, CPU,
-                               "requantize", terms, layout=layout)
-        inputs = [*codes, thresholds.numpy(), direction.numpy()]
+    func, inputs, expected = requantization_of_an_add(np.random.default_rng(seed), shape, levels,
+                                                      table, layout=layout)
     stored = run(func, *inputs, out_shape=layout.shape, dtype="uint8")
     image = layout.image_rows
     np.testing.assert_array_equal(stored[:, :image], layout.to_layout(expected)[:, :image])
