@@ -5,7 +5,8 @@ calibrated on random images: speed does not depend on the weights' values), comp
 the TVM backend for this CPU, and times, in one process with interleaved rounds:
 
 - qcompile: the compiled module (``qcompile.compile(qm, "llvm")``), TVM's pool sized to the same
-  thread count as the others;
+  thread count as the others; where that runs convs on AMX, also the module compiled for this
+  CPU without AMX (the bit-serial kernels), "qcompile, no AMX";
 - torch fp32 (2 threads, eval, no_grad);
 - onnxruntime fp32 on the same model exported to ONNX;
 - onnxruntime int8: static QDQ quantization by onnxruntime's own tools (``quant_pre_process``,
@@ -30,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torchvision
+import tvm
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
 from onnxruntime.quantization import quant_pre_process, quantize_static
 
@@ -41,6 +43,9 @@ THREADS = 2
 PAUSE = 0.3
 """Seconds between two runners: torch's, onnxruntime's and TVM's thread pools spin a while after
 a call, and a pool still spinning on both cores slows the next runtime severalfold."""
+WITHOUT_AMX = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+               "mattr": ["-amx-tile", "-amx-int8"], "num-cores": THREADS}
+"""This CPU without AMX: the bit-serial kernels, for comparison where ``llvm`` uses AMX."""
 CALLS = 5
 """Timed calls per runner and round, after one untimed call."""
 
@@ -87,11 +92,14 @@ def main() -> None:
         artifact = compiled.save(Path(folder) / "resnet18.qc")
         artifact_bytes = artifact.stat().st_size
         sessions = onnx_sessions(model, Path(folder))
-        runners = {
-            f"qcompile W{args.bits}A{args.bits}": lambda: compiled(x),
+        runners = {f"qcompile W{args.bits}A{args.bits}": lambda: compiled(x)}
+        if any(layer["kernel"] == "amx" for layer in compiled.manifest["layers"]):
+            popcount = qcompile.compile(qm, WITHOUT_AMX)
+            runners["qcompile, no AMX"] = lambda: popcount(x)
+        runners.update({
             "torch fp32": lambda: _torch(model, x),
             **{name: (lambda s=s: s.run(None, {"x": x})) for name, s in sessions.items()},
-        }
+        })
         rounds = {name: [] for name in runners}
         for _ in range(3):
             for run in runners.values():
