@@ -2,9 +2,10 @@
 
 ``"llvm"`` is this machine's CPU as LLVM names it (``tvm.target.codegen.llvm_get_system_cpu()``;
 never ``"native"``, which TVM 0.27 silently turns into a generic CPU without AVX-512) with as many
-cores as the process may use, plus AMX-INT8 where this CPU has it and Linux lets the process use
-it (:mod:`.amx_host`; LLVM names some such CPUs after an earlier model without AMX, so the
-features are added to the CPU's). ``"llvm:CPU"`` is that CPU as LLVM knows it, AMX included
+cores as the process may use, with AMX-INT8 exactly where this CPU has it and Linux lets the
+process use it (:mod:`.amx_host`; LLVM names some such CPUs after an earlier model without AMX,
+so the features are added, or taken away where the CPU's name has them and the process may not
+use them). ``"llvm:CPU"`` is that CPU as LLVM knows it, AMX included
 only if the CPU has it. ``"cuda"`` is an sm_80 GPU, ``"cuda:sm_90"`` another
 architecture. A dict is passed to ``tvm.target.Target`` as it is.
 """
@@ -30,13 +31,25 @@ def resolve_target(target: "str | dict | tvm.target.Target") -> tvm.target.Targe
     if kind == "llvm":
         spec = {"kind": "llvm", "mcpu": detail or tvm.target.codegen.llvm_get_system_cpu(),
                 "num-cores": len(CORES)}
-        if not detail and amx_host.enabled():
-            spec["mattr"] = [f"+{feature}" for feature in amx.FEATURES]
+        if not detail:
+            spec.update(_amx_features(spec))
         return _checked(spec)
     if kind == "cuda":
         return _checked({"kind": "cuda", "arch": detail or CUDA_ARCH})
     raise ConfigError(f"unknown target {target!r}: use 'llvm' (this CPU), 'llvm:CPU', 'cuda' "
                       "or 'cuda:sm_XX'")
+
+
+def _amx_features(spec: dict) -> dict:
+    """``mattr`` adding AMX where this process may use it and LLVM's name for the CPU lacks
+    it, or taking it away where the CPU's name has it and the process may not (an older
+    kernel, or a hypervisor that withholds it); nothing otherwise."""
+    named = amx.available(_checked(spec))
+    if amx_host.enabled() and not named:
+        return {"mattr": [f"+{feature}" for feature in amx.FEATURES]}
+    if named and not amx_host.enabled():
+        return {"mattr": [f"-{feature}" for feature in amx.FEATURES]}
+    return {}
 
 
 def _checked(spec: dict) -> tvm.target.Target:

@@ -136,11 +136,16 @@ def test_llvm_emits_amx_instructions_for_an_amx_cpu_on_any_machine():
         assert instruction in assembly, instruction
 
 
-def test_the_host_target_has_amx_exactly_when_the_process_may_use_it():
+def test_the_host_target_has_amx_exactly_when_the_process_may_use_it(monkeypatch):
     assert amx.available(resolve_target("llvm")) == amx_host.enabled()
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     explicit = resolve_target(f"llvm:{cpu}")
     assert "mattr" not in explicit.export() or not explicit.export()["mattr"]
+    for cpu, granted in (("sapphirerapids", False), ("icelake-server", True),
+                         ("sapphirerapids", True), ("icelake-server", False)):
+        monkeypatch.setattr(tvm.target.codegen, "llvm_get_system_cpu", lambda cpu=cpu: cpu)
+        monkeypatch.setattr(amx_host, "enabled", lambda granted=granted: granted)
+        assert amx.available(resolve_target("llvm")) == granted, (cpu, granted)
 
 
 def test_geometry_covers_every_output_pixel_once():
