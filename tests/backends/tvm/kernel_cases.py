@@ -9,14 +9,18 @@ from hypothesis import strategies as st
 from qcompile.backends.tvm.kernels.epilogue import Epilogue
 from qcompile.requantization import apply_fixed_point, apply_staircase
 
+KINDS = ("none", "thresholds", "fixed_point")
+
 
 @st.composite
-def epilogues(draw, channels: int, bound: int):
-    """An epilogue, its int64 inputs, and the reference requantization of the accumulator."""
-    kind = draw(st.sampled_from(("none", "thresholds", "fixed_point")))
+def epilogues(draw, channels: int, bound: int, kinds=KINDS,
+              levels=st.sampled_from((1, 3, 15, 255))):
+    """An epilogue (of one of ``kinds``, with a count of ``levels``), its int64 inputs, and the
+    reference requantization of the accumulator."""
+    kind = draw(st.sampled_from(kinds))
     if kind == "none":
         return Epilogue("none"), [], lambda acc: acc
-    levels = draw(st.sampled_from((1, 3, 15, 255)))
+    levels = draw(levels)
     rows = channels if draw(st.booleans()) else 1
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     direction = rng.choice([-1, 1], rows).astype(np.int64)

@@ -9,47 +9,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm import relax
 
+from kernel_cases import epilogues
 from qcompile.backends.tvm.kernels.bitserial import (Epilogue, conv2d_kernel, dense_kernel,
                                                      pack_codes, packed_shape, unpack_codes)
 from qcompile.errors import ConfigError
 from qcompile.packing import pack_bits
-from qcompile.requantization import apply_fixed_point, apply_staircase
+from qcompile.requantization import apply_staircase
 
 CPU = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                          "num-cores": 2})
 CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
 FORMS = ("unsigned", "signed", "bipolar")
+LEVELS = st.integers(1, 15)
+"""Code counts of the epilogues here: packed outputs hold at most 4 bits."""
 
 
 def weight_integers(codes: np.ndarray, bits: int, form: str) -> np.ndarray:
     return {"unsigned": codes, "signed": codes - 2 ** (bits - 1),
             "bipolar": 2 * codes - (2**bits - 1)}[form]
-
-
-@st.composite
-def epilogues(draw, channels: int, bound: int, kinds=("none", "thresholds", "fixed_point")):
-    """An epilogue with its int64 inputs and the reference function of the accumulator."""
-    kind = draw(st.sampled_from(kinds))
-    if kind == "none":
-        return Epilogue("none"), [], lambda acc: acc
-    levels = draw(st.integers(1, 15))
-    rows = channels if draw(st.booleans()) else 1
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    direction = rng.choice([-1, 1], rows).astype(np.int64)
-    if kind == "thresholds":
-        steps = rng.integers(0, max(2, 2 * bound // levels), (rows, levels))
-        thresholds = (np.cumsum(steps, axis=1) - bound).astype(np.int64)
-        extra = [thresholds, direction]
-        return (Epilogue("thresholds", levels, rows > 1), extra,
-                lambda acc: apply_staircase(acc, *map(torch.from_numpy, extra)))
-    shift = draw(st.integers(0, 20))
-    multiplier = rng.integers(1, 2**15, rows).astype(np.int64)
-    offset = rng.integers(-(2**20), 2**20, rows).astype(np.int64)
-    extra = [multiplier, offset, direction]
-    return (Epilogue("fixed_point", levels, rows > 1, shift), extra,
-            lambda acc: apply_fixed_point(acc, torch.from_numpy(direction),
-                                          torch.from_numpy(multiplier),
-                                          torch.from_numpy(offset), shift, levels))
 
 
 def run(func: tvm.tirx.PrimFunc, target, arrays: list[np.ndarray], out_shape,
@@ -79,7 +56,7 @@ def conv_cases(draw, out_channels=st.integers(1, 40),
                    torch.from_numpy(weight_integers(codes, w_bits, form)).long(),
                    stride=stride, padding=padding, dilation=dilation)
     bound = int(acc.abs().max()) + 1
-    epilogue, extra, reference = draw(epilogues(k, bound, kinds))
+    epilogue, extra, reference = draw(epilogues(k, bound, kinds, LEVELS))
     return dict(data=data, codes=codes, a_bits=a_bits, w_bits=w_bits, form=form,
                 stride=stride, padding=padding, dilation=dilation, epilogue=epilogue,
                 extra=extra, expected=reference(acc).numpy())
@@ -114,7 +91,8 @@ def test_dense_matches_torch(data):
     codes = rng.integers(0, 2**w_bits, (k, c))
     acc = F.linear(torch.from_numpy(x).long(),
                    torch.from_numpy(weight_integers(codes, w_bits, form)).long())
-    epilogue, extra, reference = data.draw(epilogues(k, int(acc.abs().max()) + 1))
+    epilogue, extra, reference = data.draw(epilogues(k, int(acc.abs().max()) + 1,
+                                                     levels=LEVELS))
     func = dense_kernel(x.shape, (w_bits, k, -(-c // 32)), a_bits, w_bits, form, epilogue, CPU)
     got = run(func, CPU, [x, pack_bits(codes, w_bits, axis=1), *extra], (n, k))
     np.testing.assert_array_equal(got, reference(acc).numpy())
