@@ -95,11 +95,9 @@ def amx_runner(channels: int, size: int, bits: int, rng):
     fixed-point epilogue as :func:`tvm_runner`."""
     levels = 2**bits - 1
     epilogue = Epilogue("fixed_point", levels, True, 16)
-    probe = amx.Layout(1, channels, size, size, 1, 0)
-    layout = amx.Layout(1, channels, size, size, 1,
-                        max(probe.image_rows, amx.Conv(probe, channels, (3, 3), 1, (1, 1))
-                            .rows_read))
-    conv = amx.Conv(layout, channels, (3, 3), 1, (1, 1))
+    args = (channels, (3, 3), 1, (1, 1))
+    layout = amx.shared_layout(1, channels, size, size, [args])
+    conv = amx.Conv(layout, *args)
     symbol = f"amx_w{bits}_{channels}_{size}"
     func = amx.conv2d_kernel(conv, epilogue, layout, symbol)
     kernel = tvm.compile(tvm.IRModule({"main": func}), AMX_TARGET)[symbol]

@@ -119,20 +119,19 @@ def amx_layout(value: str, readers: dict, graph: ir.IntegerGraph, shapes: dict, 
                ) -> "amx.Layout | None":
     """The :class:`~.kernels.amx.Layout` the AMX convs reading ``value`` share (padded for the
     widest of them, rows for the longest reach), or None where none reads it."""
-    convs = [r for r in readers.get(value, []) if on_amx(r, graph, target)]
-    if not convs:
-        return None
-    n, c, h, w = shapes[value]
-    pad = max(max(r.padding) for r in convs)
-    probe = amx.Layout(n, c, h, w, pad, 0)
-    rows = max([probe.image_rows, *(amx_geometry(r, probe).rows_read for r in convs)])
-    return amx.Layout(n, c, h, w, pad, rows)
+    convs = [_conv_args(r) for r in readers.get(value, []) if on_amx(r, graph, target)]
+    return amx.shared_layout(*shapes[value], convs) if convs else None
 
 
 def amx_geometry(op: ir.Conv, layout: "amx.Layout") -> "amx.Conv":
     """AMX conv ``op`` over ``layout``."""
-    return amx.Conv(layout, int(op.weight.shape[0]), tuple(int(k) for k in op.weight.shape[2:]),
-                    int(op.stride[0]), tuple(int(p) for p in op.padding))
+    return amx.Conv(layout, *_conv_args(op))
+
+
+def _conv_args(op: ir.Conv) -> tuple:
+    """``op`` as :class:`~.kernels.amx.Conv` takes it: out channels, kernel, stride, padding."""
+    return (int(op.weight.shape[0]), tuple(int(k) for k in op.weight.shape[2:]),
+            int(op.stride[0]), tuple(int(p) for p in op.padding))
 
 
 def writes_amx_layout(value: str, layer, readers: dict, graph: ir.IntegerGraph, target) -> bool:

@@ -120,8 +120,8 @@ class _Builder:
             if layout is not None:
                 self.amx_layouts[name] = layout
         self.amx_only = {name for name, layer in self.fused.items()
-                         if name in self.amx_layouts and glue_plan.writes_amx_layout(
-                             name, layer, readers, self.graph, self.target)}
+                         if glue_plan.writes_amx_layout(name, layer, readers, self.graph,
+                                                        self.target)}
         for op in self.graph.ops:
             if isinstance(op, (ir.Conv, ir.Linear)) and any(
                     r is op for r in self.fused.values()):

@@ -5,9 +5,9 @@ never ``"native"``, which TVM 0.27 silently turns into a generic CPU without AVX
 cores as the process may use, with AMX-INT8 exactly where this CPU has it and Linux lets the
 process use it (:mod:`.amx_host`; LLVM names some such CPUs after an earlier model without AMX,
 so the features are added, or taken away where the CPU's name has them and the process may not
-use them). ``"llvm:CPU"`` is that CPU as LLVM knows it, AMX included
-only if the CPU has it. ``"cuda"`` is an sm_80 GPU, ``"cuda:sm_90"`` another
-architecture. A dict is passed to ``tvm.target.Target`` as it is.
+use them). ``"llvm:CPU"`` is that CPU as LLVM knows it, AMX included only if the CPU has it.
+``"cuda"`` is an sm_80 GPU, ``"cuda:sm_90"`` another architecture. A dict is passed to
+``tvm.target.Target`` as it is.
 """
 
 import tvm
@@ -44,12 +44,11 @@ def _amx_features(spec: dict) -> dict:
     """``mattr`` adding AMX where this process may use it and LLVM's name for the CPU lacks
     it, or taking it away where the CPU's name has it and the process may not (an older
     kernel, or a hypervisor that withholds it); nothing otherwise."""
-    named = amx.available(_checked(spec))
-    if amx_host.enabled() and not named:
-        return {"mattr": [f"+{feature}" for feature in amx.FEATURES]}
-    if named and not amx_host.enabled():
-        return {"mattr": [f"-{feature}" for feature in amx.FEATURES]}
-    return {}
+    granted, named = amx_host.enabled(), amx.available(_checked(spec))
+    if granted == named:
+        return {}
+    sign = "+" if granted else "-"
+    return {"mattr": [f"{sign}{feature}" for feature in amx.FEATURES]}
 
 
 def _checked(spec: dict) -> tvm.target.Target:

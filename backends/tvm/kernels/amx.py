@@ -32,12 +32,13 @@ from qcompile.backends.tvm.kernels.amx_layout import (
     Conv,
     Layout,
     pack_weight,
+    shared_layout,
     weight_shape,
 )
 from qcompile.backends.tvm.kernels.epilogue import LINEAR_LEVELS, Epilogue, epilogue_code
 
 __all__ = ["Conv", "Layout", "available", "conv2d_kernel", "pack_kernel", "pack_weight",
-           "unpack_kernel"]
+           "shared_layout", "unpack_kernel"]
 
 FEATURES = ("amx-tile", "amx-int8")
 

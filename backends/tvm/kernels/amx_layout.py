@@ -167,6 +167,16 @@ class Conv:
                 f"p{ph}x{pw}")
 
 
+def shared_layout(batch: int, channels: int, height: int, width: int, convs: list) -> Layout:
+    """The layout convs read one (N, C, H, W) tensor in: padded for the widest of them, rows
+    for the longest reach. ``convs`` are :class:`Conv` arguments after the source:
+    ``(out_channels, kernel, stride, padding)``."""
+    pad = max(max(padding) for *_, padding in convs)
+    probe = Layout(batch, channels, height, width, pad, 0)
+    rows = max([probe.image_rows, *(Conv(probe, *conv).rows_read for conv in convs)])
+    return Layout(batch, channels, height, width, pad, rows)
+
+
 def weight_shape(kernel: tuple[int, int], padded_channels: int, padded_out_channels: int
                  ) -> tuple[int, ...]:
     """The shape of :func:`pack_weight`'s array: (Kp / 32, kh kw, Cp / 64, 2, 16, 64)."""
