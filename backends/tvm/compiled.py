@@ -240,25 +240,28 @@ class CompiledModule:
 
 
 def load(path) -> CompiledModule:
-    """The compiled module saved at ``path`` (a ``.qc`` artifact)."""
-    folder = tempfile.mkdtemp(prefix="qcompile-")
-    manifest = artifact.read(path, folder)
-    versions = manifest.get("versions", {})
-    if versions.get("tvm") != tvm.__version__:
-        raise ArtifactError(f"{path} was compiled with TVM {versions.get('tvm')}, this is TVM "
-                            f"{tvm.__version__}: compile the model again")
-    try:
-        executable = tvm.runtime.load_module(str(Path(folder) / LIBRARY))
-        with np.load(Path(folder) / PARAMS) as arrays:
-            stored = {int(k): stored_params.from_recipe(recipe, _arrays_of(int(k), arrays))
-                      for k, recipe in manifest.get("stored", {}).items()}
-            params = [stored[k].array() if k in stored else arrays[f"arr_{k}"]
-                      for k in range(manifest.get("params", len(arrays.files)))]
-    except ArtifactError:
-        raise
-    except Exception as error:  # noqa: BLE001 - TVM and numpy raise many kinds here
-        raise ArtifactError(f"{path}: cannot load its library or parameters ({error}); "
-                            "compile the model again") from None
+    """The compiled module saved at ``path`` (a ``.qc`` artifact).
+
+    The artifact is unpacked into a temporary folder that is removed before this returns: the
+    library stays mapped once loaded and the parameters are read into memory."""
+    with tempfile.TemporaryDirectory(prefix="qcompile-") as folder:
+        manifest = artifact.read(path, folder)
+        versions = manifest.get("versions", {})
+        if versions.get("tvm") != tvm.__version__:
+            raise ArtifactError(f"{path} was compiled with TVM {versions.get('tvm')}, this is "
+                                f"TVM {tvm.__version__}: compile the model again")
+        try:
+            executable = tvm.runtime.load_module(str(Path(folder) / LIBRARY))
+            with np.load(Path(folder) / PARAMS) as arrays:
+                stored = {int(k): stored_params.from_recipe(recipe, _arrays_of(int(k), arrays))
+                          for k, recipe in manifest.get("stored", {}).items()}
+                params = [stored[k].array() if k in stored else arrays[f"arr_{k}"]
+                          for k in range(manifest.get("params", len(arrays.files)))]
+        except ArtifactError:
+            raise
+        except Exception as error:  # noqa: BLE001 - TVM and numpy raise many kinds here
+            raise ArtifactError(f"{path}: cannot load its library or parameters ({error}); "
+                                "compile the model again") from None
     return CompiledModule(executable, params, manifest, manifest["traced"], stored)
 
 

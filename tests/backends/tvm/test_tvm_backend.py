@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import numpy as np
@@ -92,6 +93,24 @@ def test_a_saved_artifact_runs_in_a_fresh_process(saved, tmp_path):
                     str(tmp_path / "y.npy")], check=True, capture_output=True)
     assert np.array_equal(np.load(tmp_path / "y.npy"), compiled(x.numpy()))
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_loading_leaves_no_files_behind(saved, tmp_path, monkeypatch):
+    """The unpacked artifact is removed once loaded, whether loading succeeds or fails; the
+    loaded module keeps running without it."""
+    compiled, path, x = saved
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    loaded = qcompile.load(path)
+    assert not list(scratch.iterdir())
+    assert np.array_equal(loaded(x.numpy()), compiled(x.numpy()))
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp_path / "bad.qc", "w") as target:
+        for name in source.namelist():
+            target.writestr(name, b"junk" if name == "model.so" else source.read(name))
+    with pytest.raises(ArtifactError, match="cannot load its library"):
+        qcompile.load(tmp_path / "bad.qc")
+    assert not list(scratch.iterdir())
 
 
 def test_the_artifact_holds_manifest_library_and_packed_params(saved):
