@@ -234,3 +234,29 @@ def _every_channel(hit, q):
     if q.per_channel and hit.dim() >= 1 and hit.shape[0] == q.channels:
         return bool(hit.reshape(q.channels, -1).any(dim=1).all())
     return bool(hit.any())
+
+
+STRAIGHT_THROUGH = [m for m in available_methods()
+                    if not hasattr(make_quantizer(m, "activation", 2, signed=False),
+                                   "set_temperature")]
+"""Methods whose activation gradient is straight through (not a soft function's, as QN's)."""
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("method", STRAIGHT_THROUGH)
+def test_activation_gradient_is_straight_through_inside_the_range(method, bits):
+    """Freshly initialized, an unsigned activation quantizer passes the gradient unchanged (1)
+    wherever the code lies strictly between its lowest and highest, at every bit-width: the
+    surrogate behind the gradient has the scale of the value it stands for."""
+    gen = torch.Generator().manual_seed(bits)
+    q = make_quantizer(method, "activation", bits, signed=False)
+    x = torch.rand(4096, generator=gen) * 3
+    q.initialize(x)
+    q.train()
+    x.requires_grad_(True)
+    q(x).sum().backward()
+    spec = q.integer_spec()
+    codes = spec.quantize(x.detach())
+    inside = (codes > spec.codes.min()) & (codes < spec.codes.max())
+    assert int(inside.sum()) > 1000
+    torch.testing.assert_close(x.grad[inside], torch.ones(int(inside.sum())))

@@ -73,14 +73,37 @@ def test_integer_spec_is_exact_at_every_threshold_and_mirrors_the_sign():
     t = spec.thresholds
     x = torch.cat([t, torch.nextafter(t, t + 1), torch.nextafter(t, t - 1)], dim=1)
     x = torch.cat([x, -x], dim=1)
+    q.eval()
     out = q(x)
     assert torch.equal(out, spec.dequantize(spec.quantize(x)))
     assert torch.equal(q(-x), -out)
 
 
-def test_gradients_follow_the_transformer():
+@pytest.mark.parametrize("role,signed", [("weight", True), ("activation", False)])
+def test_training_forward_is_the_lookup_up_to_rounding(role, signed):
+    """In training the transformer and discretizer give the forward; away from the thresholds
+    they pick the lookup's codes, and their values differ from the lookup's by rounding only."""
+    gen = torch.Generator().manual_seed(0)
+    q = make_quantizer("qil", role, 3, signed=signed, per_channel=signed, channels=4)
+    x = torch.randn(4, 500, generator=gen) * 0.5
+    q.initialize(x if signed else x.abs())
+    with torch.no_grad():
+        q.center.mul_(torch.exp(0.3 * torch.randn(q.center.shape, generator=gen)))
+        if q.learn_gamma:
+            q.gamma.copy_(torch.tensor([0.6, 1.0, 1.5, 2.5]))
+    spec = q.integer_spec()
+    expected = spec.dequantize(spec.quantize(x))
+    trained = q.train()(x)
+    torch.testing.assert_close(trained, expected, rtol=1e-6, atol=0)
+    assert int((trained != 0).sum()) > 500 and int((expected == 0).sum()) > 0
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gradients_follow_the_transformer(bits):
+    """The gradients are those of ``(c + d) sign(w) w_hat`` at every bit-width (at 2 bits
+    ``q_D = 1``, so a surrogate off by a factor of ``q_D`` shows only at 4)."""
     c, d, gamma = 0.5, 0.3, 1.5
-    q = set_interval(make_quantizer("qil", "weight", 2, signed=True), c, d, gamma)
+    q = set_interval(make_quantizer("qil", "weight", bits, signed=True), c, d, gamma)
     w = torch.tensor([0.1, 0.35, 0.6, 1.0, -0.6], requires_grad=True)
     q(w).sum().backward()
     assert w.grad[0] == 0 and w.grad[3] == 0
