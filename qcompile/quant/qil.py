@@ -24,10 +24,11 @@ non-linear, so it is stated by thresholds on the input: the transformer is incre
 (every ``T_k`` lies inside the interval, so the pruned zone is code 0 and the clipped zone the
 top code). Signed tensors mirror them: ``-x`` gets exactly ``-code(x)``. In eval the forward *is*
 this threshold lookup (the value :meth:`integer_spec` states, bit for bit), and the transformer and
-discretizer above supply its gradient. In training the forward is the transformer and discretizer
-themselves: the two agree everywhere but within rounding error of a threshold, and the lookup
-cost a fifth of a compiled training step (small CNN, W2A2 and W4A4). Binary quantizers always
-look up (their transformer is the gradient's surrogate only).
+discretizer above supply its gradient (as ``round(w_hat * q_D) * s``, the code times the step).
+In training the forward is that expression itself: it picks the lookup's code everywhere but
+within rounding error of a threshold, and then its value bit for bit, and the lookup cost a fifth
+of a compiled training step (small CNN, W2A2 and W4A4). Binary quantizers always look up (their
+transformer is the gradient's surrogate only).
 
 Deliberate deviations, each for deployment or for a case the paper leaves open:
 
@@ -144,10 +145,10 @@ class QILQuantizer(Quantizer):
         shape = self.param_shape(x)
         cs, ds, gammas = (p.reshape(shape) for p in (c, d, gamma))
         t = self.transformed(x, cs, ds, gammas)
-        level = t if self.binary else round_ste(t * self.q_d) / self.q_d
+        code = t if self.binary else round_ste(t * self.q_d)
         if self.signed:
-            level = torch.sign(x) * level
-        surrogate = level * (cs + ds)
+            code = torch.sign(x) * code
+        surrogate = code * self.level_step(cs, ds)
         if self.training and not self.binary:
             return surrogate
         with torch.no_grad():
