@@ -69,7 +69,7 @@ from torch import nn
 from qcompile.quant.base import IntegerSpec, Quantizer, replace_gradient
 from qcompile.quant.fit import best_steps
 from qcompile.quant.registry import register_method
-from qcompile.quant.sigmoid_window import choose_half_width, window_sum
+from qcompile.quant.sigmoid_window import choose_half_width, sigmoid_term, window_sum
 
 MIN_SCALE = 1e-8
 UNROLLED_STEPS = 32
@@ -174,12 +174,12 @@ class QNQuantizer(Quantizer):
         if count < UNROLLED_STEPS:
             total = None
             for k, height in enumerate(self.heights):
-                term = torch.sigmoid(self.temperature
-                                     * (scaled - self.biases[:, k].reshape(shape)))
+                term = sigmoid_term(self.temperature
+                                    * (scaled - self.biases[:, k].reshape(shape)))
                 term = term if height == 1 else height * term
                 total = term if total is None else total + term
         else:
-            steps = torch.sigmoid(self.temperature * (scaled.unsqueeze(-1) - biases))
+            steps = sigmoid_term(self.temperature * (scaled.unsqueeze(-1) - biases))
             total = (steps * self.step_heights()).sum(dim=-1)
         return alpha.reshape(shape) * (total + self.lowest)
 
