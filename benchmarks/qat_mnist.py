@@ -7,8 +7,12 @@ loop, distilling from the float model (``--progressive`` adds progressive quanti
 training-step time as a ratio to the float model's step (both measured by the same loop in this
 process). A method written ``qil:lsq`` quantizes the first and last layers with the second method
 (``quantize(first_last_method=...)``); plain ``qn`` gives them LSQ, QN's default for 8-bit first
-and last layers, and ``qn:qn`` keeps QN there. Usage: ``python benchmarks/qat_mnist.py [--epochs
-N] [--methods qil,lsq,qn:qn] [--bits 4,2] [--progressive] [--learn-input-quantizers]``.
+and last layers, and ``qn:qn`` keeps QN there. A QAT step includes the teacher's forward
+(distillation), the float step has none. ``--compile`` trains every model, the float one included,
+with ``train(compile=True)``, so the step column compares compiled steps (compilation and the
+recompilations at schedule switches fall in a handful of steps, which the median leaves out).
+Usage: ``python benchmarks/qat_mnist.py [--epochs N] [--methods qil,lsq,qn:qn] [--bits 4,2]
+[--progressive] [--learn-input-quantizers] [--compile]``.
 """
 
 import argparse
@@ -34,6 +38,8 @@ def main() -> None:
                         help="W2A2 runs lower the bit-width progressively, 8 -> 4 -> 2")
     parser.add_argument("--learn-input-quantizers", action="store_true",
                         help="train(learn_input_quantizers=True)")
+    parser.add_argument("--compile", action="store_true",
+                        help="train every model with train(compile=True)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
@@ -45,7 +51,8 @@ def main() -> None:
     float_graph = qcompile.trace(model, (data.train_x[:1],))
     start = time.perf_counter()
     float_history = qcompile.train(float_graph, train, test, epochs=args.float_epochs, lr=3e-3,
-                                   lr_schedule="onecycle", seed=args.seed, progress=False)
+                                   lr_schedule="onecycle", seed=args.seed, progress=False,
+                                   compile=args.compile)
     float_accuracy = float_history.final_val_accuracy
     float_step = float_history.median_step_seconds
     print(f"float: {float_accuracy:.2%} after {args.float_epochs} epochs "
@@ -62,7 +69,8 @@ def main() -> None:
                   f"{(after - float_accuracy) * 100:>+7.2f}p {row['step'] / float_step:>17.2f} "
                   f"{row['seconds']:>7.0f}", flush=True)
     print(f"\nmachine: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+          f"{', compiled steps' if args.compile else ', eager steps'}")
 
 
 def run(spec, bits, float_graph, train, test, calibration, args) -> dict:
@@ -74,7 +82,8 @@ def run(spec, bits, float_graph, train, test, calibration, args) -> dict:
         schedules.append(ProgressiveBits(stages=(8, 4, 2)))
     history = qcompile.train(qm, train, test, epochs=args.epochs, lr=1e-3, teacher=float_graph,
                              schedules=schedules, calib_data=calibration, seed=args.seed,
-                             progress=False, learn_input_quantizers=args.learn_input_quantizers)
+                             progress=False, learn_input_quantizers=args.learn_input_quantizers,
+                             compile=args.compile)
     before = accuracy_at(float_graph, example, bits, spec, calibration, test)
     return {"before": before, "after": history.final_val_accuracy,
             "step": history.median_step_seconds, "seconds": time.perf_counter() - start}
