@@ -16,14 +16,22 @@ softmax(t / T))``, and the hint term reaches both networks, as in the paper's jo
 each network's KL target is detached, so each learns from the other without being pulled by it
 through the target. Without ``joint`` the teacher is frozen: eval mode, no gradients, never
 changed.
+
+A frozen teacher gives each training example the same logits in every epoch, so where the
+examples themselves are fixed (tensors, not a dataset that draws random augmentations) the loop
+computes them once, in a pass over the training data before the first step, and each step looks
+its batch's logits up instead of running the teacher (the soft labels of offline distillation).
+``cache=None`` does this for tensor-backed training data, ``True`` for any data (the caller
+vouches that its examples do not change between epochs), ``False`` never.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from qcompile.errors import ConfigError
 
@@ -39,6 +47,9 @@ class Distillation:
 teacher also follows the attached student's train/eval mode. ``figures`` holds
     the loss parts as floats: ``ce``, ``kl`` (the student's, before weighting), ``hint`` when there
     are hints, and ``teacher_ce``, ``teacher_kl`` when joint.
+
+    ``cache`` (frozen teacher, no hints): whether the loop may compute the teacher's logits of
+    every training example once and look them up (module docstring); None decides by the data.
     """
 
     def __init__(
@@ -49,7 +60,12 @@ teacher also follows the attached student's train/eval mode. ``figures`` holds
         joint: bool = False,
         hints: Sequence[tuple[str, str]] = (),
         hint_weight: float = 1.0,
+        cache: bool | None = None,
     ):
+        if cache and (joint or hints):
+            raise ConfigError("Distillation(cache=True) needs a frozen teacher without hints: a "
+                              "jointly trained teacher's logits change every step, and hints "
+                              "need its features of each batch; pass cache=None or False")
         if not temperature > 0 or not 0 <= weight <= 1 or not hint_weight >= 0:
             raise ConfigError("Distillation needs temperature > 0, weight in [0, 1] and "
                               f"hint_weight >= 0; got temperature={temperature!r}, "
@@ -60,6 +76,8 @@ teacher also follows the attached student's train/eval mode. ``figures`` holds
         self.joint = joint
         self.hints = [tuple(pair) for pair in hints]
         self.hint_weight = float(hint_weight)
+        self.cache = cache
+        self._cached: torch.Tensor | None = None
         self._student_features: dict[str, torch.Tensor] = {}
         self._teacher_features: dict[str, torch.Tensor] = {}
         self._student_hooks: list = []
@@ -91,12 +109,34 @@ teacher also follows the attached student's train/eval mode. ``figures`` holds
         """The teacher's parameters when it trains jointly, else none."""
         return [p for p in self.teacher.parameters() if p.requires_grad] if self.joint else []
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, student_logits: torch.Tensor):
-        """The distillation loss of a batch whose student forward gave ``student_logits``."""
+    def caches(self, dataset: Dataset) -> bool:
+        """Whether a run over ``dataset`` should look the teacher's logits up (class docstring)."""
+        if self.joint or self.hints or self.cache is False:
+            return False
+        return bool(self.cache) or _fixed_examples(dataset)
+
+    @torch.no_grad()
+    def fill_cache(self, inputs: Iterable[torch.Tensor]) -> None:
+        """Compute the teacher's logits of every training example, given in index order by
+        ``inputs`` (batches), for :meth:`loss` to look up by index."""
+        self.teacher.eval()
+        self._cached = torch.cat([self.teacher(x) for x in inputs])
+
+    def drop_cache(self) -> None:
+        self._cached = None
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, student_logits: torch.Tensor,
+             indices: torch.Tensor | None = None):
+        """The distillation loss of a batch whose student forward gave ``student_logits``;
+        ``indices``, the batch's positions in the training data, select cached teacher logits
+        when :meth:`fill_cache` has run (else the teacher runs on ``x``)."""
         if self.hints and not self._student_hooks:
             raise ConfigError("Distillation with hints: call attach(model) before training, so "
                               "the student's hint features are recorded")
-        teacher_logits = self._teacher_logits(x)
+        if indices is not None and self._cached is not None:
+            teacher_logits = self._cached[indices.to(self._cached.device)]
+        else:
+            teacher_logits = self._teacher_logits(x)
         ce = F.cross_entropy(student_logits, y)
         kl = self.kl(teacher_logits.detach(), student_logits)
         total = (1 - self.weight) * ce + self.weight * kl
@@ -153,6 +193,14 @@ teacher also follows the attached student's train/eval mode. ``figures`` holds
         self.teacher.eval()
         with torch.no_grad():
             return self.teacher(x)
+
+
+def _fixed_examples(dataset: Dataset) -> bool:
+    """Whether ``dataset`` returns the same example for an index every time: tensors, or a
+    subset of them (any other dataset may draw random augmentations)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, TensorDataset)
 
 
 def _module(model: nn.Module, path: str, role: str) -> nn.Module:

@@ -1,7 +1,8 @@
 """The training loop: epochs of steps, schedule hooks, validation, records, interrupts.
 
 Each step: the schedules' ``on_step_start``, forward, the loss (cross-entropy, or the
-distillation's), backward, gradient clipping, the optimizer step and the per-step learning-rate
+distillation's, whose frozen teacher's logits are computed once before the first step where the
+data allow: :mod:`~qcompile.qat.distill`), backward, gradient clipping, the optimizer step and the per-step learning-rate
 step. Each epoch ends with the schedules' ``on_epoch_end``, batch-norm re-estimation when asked
 for (:mod:`~qcompile.qat.batchnorm`), validation, a record in the history and the metrics file, and
 a checkpoint. Checkpoint saving and restoring live in
@@ -73,6 +74,7 @@ class Run(Session):
         self.before_hooks = None
         self.frozen: list[nn.Parameter] = []
         self.teacher = None if distillation is None else distillation.teacher.to(world.device)
+        self.cached = False
 
     def fit(self, resume: bool) -> History:
         """Train from the start or from the checkpoint; the teacher, when trained jointly under
@@ -84,6 +86,8 @@ class Run(Session):
         finally:
             if self.distillation is not None:
                 self.distillation.teacher = self.teacher
+            if self.cached:
+                self.distillation.drop_cache()
             for param in self.frozen:
                 param.requires_grad_(True)
         self.world.broadcast_buffers(self.model)
@@ -102,6 +106,7 @@ class Run(Session):
         else:
             self.start()
         self.clock = (started, self.history.seconds)
+        self.cache_teacher()
         with StopRequests() as stop:
             try:
                 self.safe = True
@@ -122,6 +127,15 @@ class Run(Session):
         self.build_optimizer()
         if self.metrics is not None:
             self.metrics.restart([])
+
+    def cache_teacher(self) -> None:
+        """The frozen teacher's logits of every training example, computed once when the
+        distillation caches them for this data (:mod:`.distill`); each process computes all."""
+        dataset = self.batches.source.dataset
+        self.cached = hasattr(self.distillation, "caches") and self.distillation.caches(dataset)
+        if self.cached:
+            self.distillation.fill_cache(split_batch(batch, self.world.device)[0]
+                                         for batch in evaluation_loader(self.batches.source))
 
     def build_optimizer(self) -> None:
         """A fresh optimizer and LR schedule (advanced to the current step) over the model's
@@ -156,6 +170,7 @@ class Run(Session):
                    disable=not (self.config.progress and self.world.is_main))
         with bar:
             batches = iter(self.batches.loader(state.epoch, skip=state.batch))
+            order = iter(self.batches.indices(state.epoch)[state.batch:])
             while True:
                 if self.world.any(stop.requested):
                     raise _StopRequested
@@ -163,14 +178,17 @@ class Run(Session):
                 batch = next(batches, None)
                 if batch is None:
                     break
-                self.step(*split_batch(batch, self.world.device), started)
+                indices = next(order)
+                self.step(*split_batch(batch, self.world.device), started,
+                          torch.tensor(indices) if self.cached else None)
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.meter.loss:.3f}", acc=f"{self.meter.accuracy:.1%}",
                                 samples_s=f"{self.meter.count / self.meter.seconds:.0f}",
                                 refresh=False)
         self.close_epoch()
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor, started: float) -> None:
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, started: float,
+             indices: torch.Tensor | None = None) -> None:
         state = self.state
         self.call_hooks("on_step_start")
         if state.structure_changed:
@@ -180,7 +198,9 @@ class Run(Session):
         self.safe = False
         logits = self.forward_model(inputs)
         if self.distillation is not None:
-            loss, figures = self.distillation.loss(inputs, labels, logits)
+            loss, figures = (self.distillation.loss(inputs, labels, logits, indices)
+                             if indices is not None else
+                             self.distillation.loss(inputs, labels, logits))
         else:
             loss, figures = F.cross_entropy(logits, labels), {}
         self.optimizer.zero_grad(set_to_none=True)

@@ -173,3 +173,83 @@ def test_hint_mistakes_are_reported():
         mismatched.loss(x, y, student(x))
     with pytest.raises(ConfigError, match="weight"):
         Distillation(teacher, weight=1.5)
+
+
+class Noisy(torch.utils.data.Dataset):
+    """Digits with fresh noise at every read: an example is not the same twice."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.01 * torch.randn_like(self.x[i]), self.y[i]
+
+
+def teacher_examples(distillation, data, epochs=2, **settings):
+    """Train a fresh student from ``distillation``; the examples its teacher saw, the student."""
+    seen = []
+    hook = distillation.teacher.register_forward_hook(lambda m, args, out: seen.append(len(out)))
+    _, student = teacher_and_student()
+    qcompile.train(student, data, epochs=epochs, batch_size=48, lr=0.01, seed=1, progress=False,
+                   distillation=distillation, **settings)
+    hook.remove()
+    return sum(seen), student
+
+
+def test_a_frozen_teacher_runs_once_per_example_and_training_is_unchanged():
+    """Tensor data: the teacher's logits are computed in one pass and looked up by index; the
+    student ends where the teacher run at every step takes it, up to float rounding (a batched
+    forward's last bits depend on which examples share the batch: 1e-8 here, 2e-4 relative in
+    the most sensitive quantizer step after 8 steps)."""
+    teacher, _ = teacher_and_student()
+    data = digits().train_x[:200], digits().train_y[:200]
+    cached = Distillation(teacher)
+    seen_cached, student_cached = teacher_examples(cached, data)
+    seen_live, student_live = teacher_examples(Distillation(teacher, cache=False), data)
+    assert seen_cached == 200
+    assert seen_live == 2 * 4 * 48  # 2 epochs of 4 full batches
+    live, cached_weights = snapshot(student_live), snapshot(student_cached)
+    for name, value in cached_weights.items():
+        torch.testing.assert_close(value, live[name], rtol=1e-3, atol=1e-5, msg=name)
+    moved = snapshot(teacher_and_student()[1])
+    assert any(not torch.allclose(v, moved[k], rtol=1e-3, atol=1e-5)
+               for k, v in cached_weights.items())
+    assert cached._cached is None  # dropped when the run ends: another run may bring other data
+
+
+def test_a_dataset_that_may_draw_new_examples_keeps_the_live_teacher():
+    teacher, _ = teacher_and_student()
+    data = Noisy(digits().train_x[:100], digits().train_y[:100])
+    assert teacher_examples(Distillation(teacher), data, epochs=1)[0] == 2 * 48
+    assert teacher_examples(Distillation(teacher, cache=True), data, epochs=1)[0] == 100
+
+
+def test_cached_logits_are_the_teachers_of_the_indexed_examples():
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(96, 5, generator=gen), torch.randint(0, 3, (96,), generator=gen)
+    teacher = FixedLogits(torch.randn(5, 3, generator=gen))
+    distillation = Distillation(teacher)
+    distillation.fill_cache(x.split(40))
+    pick = torch.tensor([90, 3, 41, 3, 77])
+    logits = torch.randn(5, 3, generator=gen)
+    live, live_figures = Distillation(teacher).loss(x[pick], y[pick], logits)
+    looked_up, figures = distillation.loss(x[pick], y[pick], logits, pick)
+    assert looked_up.item() == pytest.approx(live.item(), rel=1e-6)
+    assert figures["kl"] == pytest.approx(live_figures["kl"], rel=1e-6)
+    shifted, _ = distillation.loss(x[pick], y[pick], logits, pick + 1)
+    assert shifted.item() != pytest.approx(live.item(), rel=1e-3)
+
+
+def test_a_cache_is_refused_where_the_teacher_must_run():
+    teacher, _ = teacher_and_student()
+    with pytest.raises(ConfigError, match="frozen teacher without hints"):
+        Distillation(teacher, joint=True, cache=True)
+    with pytest.raises(ConfigError, match="frozen teacher without hints"):
+        Distillation(teacher, hints=[("features.1", "features.1")], cache=True)
+    data = torch.utils.data.TensorDataset(digits().train_x[:8], digits().train_y[:8])
+    assert not Distillation(teacher, joint=True).caches(data)
+    assert not Distillation(teacher, cache=False).caches(data)
+    assert Distillation(teacher).caches(torch.utils.data.Subset(data, [1, 2]))

@@ -206,6 +206,32 @@ def test_the_library_schedules_and_joint_distillation_resume_bit_for_bit(tmp_pat
     assert "kl" in history.records[-1] and "teacher_ce" in history.records[-1]
 
 
+def test_a_frozen_teachers_cached_logits_resume_bit_for_bit(tmp_path):
+    """The frozen teacher's logits are computed once per run (tensor data) and looked up by
+    index: a run stopped mid-epoch and resumed computes them again, equal to one run."""
+    def once(stop_step, resume=False):
+        torch.manual_seed(3)
+        teacher = DropoutCNN(width=4)
+        distillation = Distillation(teacher)
+        calls = []
+        teacher.register_forward_hook(lambda m, args, out: calls.append(len(out)))
+        model = quantized_model(bits=2)
+        history = train(model, train_pair(), val_pair(), checkpoint_dir=tmp_path / "run",
+                        resume=resume, schedules=[InterruptAt(stop_step)],
+                        distillation=distillation, **SETTINGS)
+        return model, history, sum(calls)
+
+    whole, whole_history, whole_calls = once(None)
+    (tmp_path / "run" / "last.pt").unlink()
+    with pytest.raises(TrainingInterrupted):
+        once(6)
+    model, history, calls = once(None, resume=True)
+    assert whole_calls == calls == len(train_pair()[0])
+    assert_same_weights(model, whole)
+    assert comparable(history.records) == comparable(whole_history.records)
+    assert "kl" in history.records[-1]
+
+
 def test_an_interrupt_inside_a_step_keeps_the_last_complete_checkpoint(tmp_path, uninterrupted):
     """A KeyboardInterrupt in the forward pass (a second Ctrl-C) leaves a half-done step: no
     checkpoint of it is written, and resuming from the last epoch's checkpoint is still exact."""
