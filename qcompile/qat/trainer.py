@@ -55,7 +55,9 @@ def train(
     ``train_data``/``val_data``: a map-style Dataset, a DataLoader over one (its dataset, batch
     size and collate function are used) or an ``(inputs, labels)`` tensor pair. The loss is
     cross-entropy, or ``distillation.loss`` when ``teacher=`` (shorthand for
-    ``Distillation(teacher)``) or a configured ``distillation=`` is given. Quantizer parameters
+    ``Distillation(teacher)``) or a configured ``distillation=`` is given; a frozen teacher's
+    logits of tensor training data are computed once and looked up by index
+    (:mod:`qcompile.qat.distill`; ``Distillation(teacher, cache=...)`` to choose). Quantizer parameters
     train at ``quantizer_lr`` (default ``lr``) without weight decay, as do biases and batch norm
     at ``lr``; the learning rate follows ``lr_schedule`` per optimizer step. ``schedules`` are
     :class:`Schedule` objects called at their hooks (None: ``default_schedules(qmodel)``,
