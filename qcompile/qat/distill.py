@@ -123,6 +123,8 @@ teacher also follows the attached student's train/eval mode. ``figures`` holds
         self._cached = torch.cat([self.teacher(x) for x in inputs])
 
     def drop_cache(self) -> None:
+        """Forget the cached logits (the loop does at the end of a run: the next run may train
+        on other data)."""
         self._cached = None
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, student_logits: torch.Tensor,

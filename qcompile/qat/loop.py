@@ -2,10 +2,10 @@
 
 Each step: the schedules' ``on_step_start``, forward, the loss (cross-entropy, or the
 distillation's, whose frozen teacher's logits are computed once before the first step where the
-data allow: :mod:`~qcompile.qat.distill`), backward, gradient clipping, the optimizer step and the per-step learning-rate
-step. Each epoch ends with the schedules' ``on_epoch_end``, batch-norm re-estimation when asked
-for (:mod:`~qcompile.qat.batchnorm`), validation, a record in the history and the metrics file, and
-a checkpoint. Checkpoint saving and restoring live in
+data allow: :mod:`~qcompile.qat.distill`), backward, gradient clipping, the optimizer step and
+the per-step learning-rate step. Each epoch ends with the schedules' ``on_epoch_end``,
+batch-norm re-estimation when asked for (:mod:`~qcompile.qat.batchnorm`), validation, a record
+in the history and the metrics file, and a checkpoint. Checkpoint saving and restoring live in
 :class:`~qcompile.qat.session.Session`.
 """
 

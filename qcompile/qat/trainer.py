@@ -57,9 +57,9 @@ def train(
     cross-entropy, or ``distillation.loss`` when ``teacher=`` (shorthand for
     ``Distillation(teacher)``) or a configured ``distillation=`` is given; a frozen teacher's
     logits of tensor training data are computed once and looked up by index
-    (:mod:`qcompile.qat.distill`; ``Distillation(teacher, cache=...)`` to choose). Quantizer parameters
-    train at ``quantizer_lr`` (default ``lr``) without weight decay, as do biases and batch norm
-    at ``lr``; the learning rate follows ``lr_schedule`` per optimizer step. ``schedules`` are
+    (:mod:`qcompile.qat.distill`; ``Distillation(teacher, cache=...)`` to choose). Quantizer
+    parameters train at ``quantizer_lr`` (default ``lr``) without weight decay, as do biases and
+    batch norm at ``lr``; the learning rate follows ``lr_schedule`` per optimizer step. ``schedules`` are
     :class:`Schedule` objects called at their hooks (None: ``default_schedules(qmodel)``,
     temperature annealing and batch-norm freezing where the model has them; pass a list to
     choose exactly); ``calib_data`` (input batches) is theirs.
