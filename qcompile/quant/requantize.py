@@ -8,9 +8,10 @@ method, initialized from its current (latent) float weight, and its input gets a
 quantizer initialized from calibration activations, exactly as ``insert-quantizers`` does it. The
 layer's float weights, biases and batch-norm statistics are left untouched.
 
-Layer inputs stay shared per (tensor, bit-width), as ``insert-quantizers`` makes them: layers that
-read one tensor and end up at different bit-widths get separate input quantizers, and layers that
-end up at one bit-width share one; an input quantizer left without readers is removed.
+Layer inputs stay shared per (tensor, bit-width, method), as ``insert-quantizers`` makes them:
+layers that read one tensor and end up at different bit-widths (or are of different methods) get
+separate input quantizers, and layers that end up at one bit-width and method share one; an input
+quantizer left without readers is removed.
 """
 
 from collections.abc import Callable, Iterable
@@ -108,38 +109,42 @@ def _new_weight_quantizer(site: LayerSite, bits: int) -> None:
 
 
 def _regroup_inputs(gm, sites) -> dict[str, tuple[fx.Node, Quantizer]]:
-    """Rewire every layer to the input quantizer node of its (source tensor, bits).
+    """Rewire every layer to the input quantizer node of its (source tensor, bits, method), the
+    method being the layer's (its weight quantizer's).
 
-    A node already quantizing that tensor at those bits is kept as it is; otherwise a node of the
-    same tensor left free is reused, or a new one made, and listed for a new quantizer (by module
-    path, with the quantizer whose method and signedness it inherits). Nodes left without readers
-    are removed.
+    A node already quantizing that tensor at those bits by that method is kept as it is;
+    otherwise a node of the same tensor left free is reused, or a new one made, and listed for a
+    new quantizer (by module path, with the quantizer whose method and signedness it inherits).
+    Nodes left without readers are removed.
     """
     previous = {site.name: site.node.args[0] for site in sites}
     modules = {node: gm.get_submodule(node.target) for node in previous.values()}
-    wanted: dict[tuple[fx.Node, int], list[LayerSite]] = {}
+    wanted: dict[tuple[fx.Node, int, str], list[LayerSite]] = {}
     for site in sites:
-        key = (previous[site.name].args[0], site.node.meta["quant"]["act_bits"])
+        key = (previous[site.name].args[0], site.node.meta["quant"]["act_bits"],
+               site.module.weight_quantizer.method)
         wanted.setdefault(key, []).append(site)
     free = list(modules)
     chosen = {}
-    for source, bits in wanted:
-        match = [n for n in free if n.args[0] is source and n.meta["quant_input"]["bits"] == bits]
+    for source, bits, method in wanted:
+        match = [n for n in free if n.args[0] is source and n.meta["quant_input"]["bits"] == bits
+                 and _layer_method(gm, n) == method]
         if match:
-            chosen[(source, bits)] = match[0]
+            chosen[(source, bits, method)] = match[0]
             free.remove(match[0])
     rebuild = {}
-    for (source, bits), group in wanted.items():
+    for (source, bits, method), group in wanted.items():
+        key = (source, bits, method)
         template = previous[group[0].name]
-        if (source, bits) not in chosen:
+        if key not in chosen:
             same_source = [n for n in free if n.args[0] is source]
             node = same_source[0] if same_source else _new_input_node(gm, source, group[0].name)
             if same_source:
                 free.remove(node)
             node.meta["quant_input"] = dict(template.meta["quant_input"])
-            chosen[(source, bits)] = node
+            chosen[key] = node
             rebuild[node.target] = (node, modules[template])
-        node = chosen[(source, bits)]
+        node = chosen[key]
         for site in group:
             site.node.replace_input_with(previous[site.name], node)
         node.meta["quant_input"].update(bits=bits, layers=[site.name for site in group])
@@ -203,7 +208,8 @@ def _activation_quantizers(gm: fx.GraphModule) -> dict[str, Quantizer]:
 
 
 def _layer_method(gm: fx.GraphModule, node: fx.Node) -> str:
-    """The method of the layers reading ``node`` (their weight quantizer's)."""
+    """The method of the layers reading ``node`` (their weight quantizer's; the input quantizer
+    itself may be LSQ, where the method has no signed activations)."""
     layer = node.meta["quant_input"]["layers"][0]
     return gm.get_submodule(layer).weight_quantizer.method
 

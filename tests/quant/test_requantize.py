@@ -169,6 +169,52 @@ def test_layers_reading_one_tensor_split_and_merge_by_bits():
     assert gm(x).shape == (4, 10)
 
 
+class TwoHeads(nn.Module):
+    """A middle layer (``aux``) and the last layer (``head``) reading one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.aux = nn.Linear(4 * 8 * 8, 10)
+        self.head = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        features = torch.flatten(torch.relu(self.stem(x)), 1)
+        return self.aux(features) + self.head(features)
+
+
+def test_layers_of_different_methods_keep_their_own_input_quantizers():
+    """As ``insert-quantizers`` shares an input quantizer per (tensor, bits, method), so does
+    requantize: the middle layer brought to the last layer's 8 bits keeps its QIL input."""
+    torch.manual_seed(0)
+    x = digits().train_x[:8]
+    gm = qcompile.quantize(TwoHeads().eval(), (x,), bits=2, method="qil",
+                           first_last_method="lsq", calib_data=calib())
+    assert input_quantizer(gm, "aux").method == "qil"
+    assert input_quantizer(gm, "head").method == "lsq"
+    requantize(gm, {"aux": 8}, calib())
+    assert input_groups(gm) == [(8, ("aux",)), (8, ("head",)), (8, ("stem",))]
+    assert input_quantizer(gm, "aux").method == "qil"
+    assert input_quantizer(gm, "head").method == "lsq"
+    assert input_node(gm, "aux").meta["quant_input"]["method"] == "qil"
+    requantize(gm, {"aux": 2}, calib())
+    assert input_groups(gm) == [(2, ("aux",)), (8, ("head",)), (8, ("stem",))]
+    gm.graph.lint()
+    assert gm(x[:4]).shape == (4, 10)
+
+
+def test_an_input_quantizer_that_fell_back_to_lsq_is_kept():
+    """DoReFa has no signed activations: the model input's quantizer is LSQ under a DoReFa layer.
+    Changing another layer's bits leaves it, the same module, in place."""
+    gm = quantized(method="dorefa")
+    first = input_quantizer(gm, "features.0.0")
+    assert first.method == "lsq" and gm.get_submodule("features.0.0").weight_quantizer.method \
+        == "dorefa"
+    requantize(gm, {"features.1.0": 4}, calib())
+    assert input_quantizer(gm, "features.0.0") is first
+    assert input_quantizer(gm, "features.1.0").method == "dorefa"
+
+
 def test_recalibrate_sets_ranges_from_current_activations():
     gm = quantized()
     with torch.no_grad():
