@@ -37,14 +37,14 @@ from onnxruntime.quantization import quant_pre_process, quantize_static
 
 import qcompile
 from qcompile.backends.tvm import threads as pool
+from qcompile.backends.tvm.target import without_amx
 
 SHAPE = (1, 3, 224, 224)
 THREADS = 2
 PAUSE = 0.3
 """Seconds between two runners: torch's, onnxruntime's and TVM's thread pools spin a while after
 a call, and a pool still spinning on both cores slows the next runtime severalfold."""
-WITHOUT_AMX = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-               "mattr": ["-amx-tile", "-amx-int8"], "num-cores": THREADS}
+WITHOUT_AMX = without_amx(num_cores=THREADS)
 """This CPU without AMX: the bit-serial kernels, for comparison where ``llvm`` uses AMX."""
 CALLS = 5
 """Timed calls per runner and round, after one untimed call."""

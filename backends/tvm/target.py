@@ -40,6 +40,15 @@ def resolve_target(target: "str | dict | tvm.target.Target") -> tvm.target.Targe
                       "or 'cuda:sm_XX'")
 
 
+def without_amx(num_cores: int | None = None) -> dict:
+    """This CPU with AMX taken away: its low-bit convs then take the bit-serial kernels (for a
+    comparison, or for tests of those kernels on an AMX machine). ``num_cores`` defaults to the
+    cores this process may use."""
+    return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+            "mattr": [f"-{feature}" for feature in amx.FEATURES],
+            "num-cores": len(CORES) if num_cores is None else num_cores}
+
+
 def _amx_features(spec: dict) -> dict:
     """``mattr`` adding AMX where this process may use it and LLVM's name for the CPU lacks
     it, or taking it away where the CPU's name has it and the process may not (an older

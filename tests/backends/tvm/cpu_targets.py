@@ -3,15 +3,13 @@ that runs conv layers on AMX, the same CPU without AMX, so the bit-serial kernel
 AMX machines too."""
 
 import pytest
-import tvm
 
 from qcompile.backends.tvm.kernels import amx
-from qcompile.backends.tvm.target import resolve_target
+from qcompile.backends.tvm.target import resolve_target, without_amx
 from qcompile.backends.tvm.threads import CORES
 
 HOST_HAS_AMX = amx.available(resolve_target("llvm"))
-WITHOUT_AMX = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-               "mattr": [f"-{feature}" for feature in amx.FEATURES], "num-cores": len(CORES)}
+WITHOUT_AMX = without_amx()
 BIT_SERIAL = WITHOUT_AMX if HOST_HAS_AMX else "llvm"
 """This CPU, its low-bit convs on the bit-serial kernels."""
 AMX_CPU = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": len(CORES)}

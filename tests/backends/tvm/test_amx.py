@@ -21,7 +21,7 @@ from qcompile.backends.tvm.compiled import CompiledModule
 from qcompile.backends.tvm.kernels import amx
 from qcompile.backends.tvm.kernels.epilogue import Epilogue
 from qcompile.backends.tvm.stored_params import AmxWeight, from_recipe
-from qcompile.backends.tvm.target import resolve_target
+from qcompile.backends.tvm.target import resolve_target, without_amx
 from qcompile.errors import ArtifactError
 from qcompile.packing import pack_bits
 
@@ -146,6 +146,9 @@ def test_the_host_target_has_amx_exactly_when_the_process_may_use_it(monkeypatch
         monkeypatch.setattr(tvm.target.codegen, "llvm_get_system_cpu", lambda cpu=cpu: cpu)
         monkeypatch.setattr(amx_host, "enabled", lambda granted=granted: granted)
         assert amx.available(resolve_target("llvm")) == granted, (cpu, granted)
+        taken = resolve_target(without_amx(num_cores=3))
+        assert not amx.available(taken), (cpu, granted)
+        assert taken.export()["mcpu"] == cpu and taken.export()["num-cores"] == 3
 
 
 def test_geometry_covers_every_output_pixel_once():
