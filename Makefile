@@ -19,6 +19,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 

@@ -31,7 +31,6 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torchvision
-import tvm
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
 from onnxruntime.quantization import quant_pre_process, quantize_static
 
