@@ -1,9 +1,9 @@
 """The command line's training stage: data, calibration, QAT with the chosen schedules, summary.
 
-``qcompile MODEL --data mnist5k --epochs 8 [--distill] [--progressive] [--stochastic-precision]``
-quantizes the model with calibration on the training data, trains it, and prints the float
-accuracy and the quantized accuracy before and after QAT. ``--resume`` rebuilds the same
-quantized graph and continues from the run's checkpoint.
+``qcompile MODEL --data mnist5k --epochs 8 [--distill] [--progressive] [--stochastic-precision]
+[--compile]`` quantizes the model with calibration on the training data, trains it, and prints
+the float accuracy and the quantized accuracy before and after QAT. ``--resume`` rebuilds the
+same quantized graph and continues from the run's checkpoint.
 """
 
 import argparse
@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "default), weights before activations ('weights-first'), or 'both'")
     group.add_argument("--stochastic-precision", action="store_true",
                        help="run a random subset of layers in full precision, fewer over time")
+    group.add_argument("--compile", action="store_true",
+                       help="run the training step through torch.compile: steps 2-3x faster on "
+                       "CPU after a compilation of seconds to a minute; resume a compiled run "
+                       "with --compile too, for the same weights bit for bit")
     group.add_argument("--checkpoint-dir", type=Path,
                        help="where checkpoints and metrics go (default: MODEL's name + .qat)")
     group.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
@@ -39,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_training_data(args: argparse.Namespace) -> Datasets | None:
     if args.data is None:
-        for flag in ("distill", "progressive", "stochastic_precision", "resume"):
+        for flag in ("distill", "progressive", "stochastic_precision", "resume", "compile"):
             if getattr(args, flag):
                 raise ConfigError(f"--{flag.replace('_', '-')} trains the model: give --data too")
         return None
@@ -85,7 +89,7 @@ def run_training(args, float_model: fx.GraphModule, quantized: fx.GraphModule, d
     history = train(quantized, data.train, data.val, epochs=args.epochs, lr=args.lr,
                     batch_size=args.batch_size, teacher=float_model if args.distill else None,
                     schedules=schedules, checkpoint_dir=checkpoints, resume=args.resume,
-                    calib_data=calibration)
+                    calib_data=calibration, compile=args.compile)
     print(f"summary: float accuracy {float_accuracy:.2%}; quantized "
           f"{_percent(history.initial_val_accuracy)} before QAT -> "
           f"{_percent(history.final_val_accuracy)} after {args.epochs} epochs "

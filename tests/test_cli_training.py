@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qcompile import cli
 from qcompile.models import SmallCNN
 
 ARCH = "qcompile.models:SmallCNN"
@@ -35,6 +36,24 @@ def test_training_shows_progress_and_ends_with_the_summary(tmp_path):
     assert "float accuracy" in summary and "before QAT" in summary and "after 2 epochs" in summary
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_compile_trains_through_torch_compile(tmp_path, monkeypatch, capsys):
+    """``--compile``: the training step runs compiled (dynamo compiled a graph in this
+    process), and the run ends as any other (records, summary)."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(command(tmp_path, "--epochs", "1", "--distill", "--compile")[3:])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert counters["stats"]["unique_graphs"] >= 1
+    summary = next(line for line in out.splitlines() if line.startswith("summary:"))
+    assert "after 1 epochs" in summary
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["epoch"] == 1 and record["train_loss"] > 0
+    torch._dynamo.reset()
 
 
 def test_sigint_mid_epoch_then_resume_finishes(tmp_path):
