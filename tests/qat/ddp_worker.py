@@ -3,8 +3,9 @@
 Each rank builds its model (and teacher) from a different seed, so equal results show that DDP
 synchronised them. ``python ddp_worker.py OUT MODE`` writes ``OUT/<MODE>-rank<R>.pt`` (the initial
 and final state dicts, the teacher's, the history records). Modes: ``plain``; ``joint`` (with a
-jointly trained teacher); ``stop`` (rank 0 alone gets SIGINT at step 5); ``resume`` (continues
-the stopped run from its checkpoint).
+jointly trained teacher); ``frozen`` and ``frozen-live`` (a frozen teacher, the same on every
+rank, its logits cached or run every step); ``stop`` (rank 0 alone gets SIGINT at step 5);
+``resume`` (continues the stopped run from its checkpoint).
 """
 
 import os
@@ -31,6 +32,19 @@ class SignalRankZero(Schedule):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def trained_teacher(data) -> SmallCNN:
+    """The same teacher on every rank: a few plain steps from one seed (its logits then differ
+    between examples, as a trained teacher's do)."""
+    torch.manual_seed(100)
+    teacher = SmallCNN(in_channels=1, classes=10, width=4)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-2)
+    for x, y in zip(data.train_x[:256].split(32), data.train_y[:256].split(32)):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(teacher(x), y).backward()
+        optimizer.step()
+    return teacher.eval()
+
+
 def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -46,6 +60,9 @@ def main(out: str, mode: str) -> None:
                     progress=False, resume=mode == "resume")
     if mode == "joint":
         settings["distillation"] = Distillation(teacher, joint=True)
+    if mode in ("frozen", "frozen-live"):
+        teacher = trained_teacher(data)
+        settings["distillation"] = Distillation(teacher, cache=mode == "frozen")
     if mode in ("plain", "stop", "resume"):
         settings["schedules"] = [SignalRankZero(5 if mode == "stop" else None)]
     try:

@@ -79,6 +79,22 @@ def test_a_jointly_trained_teacher_is_synchronised_too(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_frozen_teachers_cached_logits_serve_every_rank(tmp_path):
+    """Each process looks its shard's teacher logits up by dataset index: the run ends where
+    the one that runs the teacher every step does (to float rounding), on both ranks alike."""
+    result, (first, second) = torchrun(tmp_path, "frozen")
+    assert result.returncode == 0, result.stderr[-3000:]
+    live_result, (live, _) = torchrun(tmp_path, "frozen-live")
+    assert live_result.returncode == 0, live_result.stderr[-3000:]
+    assert_equal_states(first["final"], second["final"])
+    assert "kl" in first["records"][-1]
+    for name, value in first["final"].items():
+        torch.testing.assert_close(value, live["final"][name], rtol=1e-3, atol=1e-5, msg=name)
+    assert any(not torch.allclose(v, first["initial"][k], rtol=1e-3, atol=1e-5)
+               for k, v in first["final"].items())
+
+
+@pytest.mark.slow
 def test_ctrl_c_on_one_rank_stops_all_and_the_run_resumes_exactly(tmp_path):
     whole, (expected, _) = torchrun(tmp_path, "plain")
     assert whole.returncode == 0, whole.stderr[-3000:]
