@@ -134,8 +134,12 @@ class Run(Session):
         dataset = self.batches.source.dataset
         self.cached = hasattr(self.distillation, "caches") and self.distillation.caches(dataset)
         if self.cached:
-            self.distillation.fill_cache(split_batch(batch, self.world.device)[0]
-                                         for batch in evaluation_loader(self.batches.source))
+            batches = tqdm(evaluation_loader(self.batches.source), unit="batch", leave=False,
+                           desc="teacher logits", dynamic_ncols=True,
+                           disable=not (self.config.progress and self.world.is_main))
+            with batches:
+                self.distillation.fill_cache(split_batch(batch, self.world.device)[0]
+                                             for batch in batches)
 
     def build_optimizer(self) -> None:
         """A fresh optimizer and LR schedule (advanced to the current step) over the model's
