@@ -18,11 +18,12 @@ through the target. Without ``joint`` the teacher is frozen: eval mode, no gradi
 changed.
 
 A frozen teacher gives each training example the same logits in every epoch, so where the
-examples themselves are fixed (tensors, not a dataset that draws random augmentations) the loop
-computes them once, in a pass over the training data before the first step, and each step looks
-its batch's logits up instead of running the teacher (the soft labels of offline distillation).
-``cache=None`` does this for tensor-backed training data, ``True`` for any data (the caller
-vouches that its examples do not change between epochs), ``False`` never.
+examples themselves are fixed (tensors batched by the default collate function, not a dataset
+or collate function that draws random augmentations) the loop computes them once, in a pass
+over the training data before the first step, and each step looks its batch's logits up instead
+of running the teacher (the soft labels of offline distillation). ``cache=None`` does this for
+tensor-backed training data, ``True`` for any data (the caller vouches that its examples do not
+change between epochs), ``False`` never.
 """
 
 from collections.abc import Iterable, Sequence
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
 from qcompile.errors import ConfigError
 
@@ -109,11 +110,14 @@ teacher also follows the attached student's train/eval mode. ``figures`` holds
         """The teacher's parameters when it trains jointly, else none."""
         return [p for p in self.teacher.parameters() if p.requires_grad] if self.joint else []
 
-    def caches(self, dataset: Dataset) -> bool:
-        """Whether a run over ``dataset`` should look the teacher's logits up (class docstring)."""
+    def caches(self, dataset: Dataset, collate_fn=None) -> bool:
+        """Whether a run over ``dataset``, batched by ``collate_fn`` (None: torch's default),
+        should look the teacher's logits up (class docstring). Automatically only for tensors
+        batched by the default collate: a collate function of one's own may augment."""
         if self.joint or self.hints or self.cache is False:
             return False
-        return bool(self.cache) or _fixed_examples(dataset)
+        plain = collate_fn is None or collate_fn is default_collate
+        return bool(self.cache) or (plain and _fixed_examples(dataset))
 
     @torch.no_grad()
     def fill_cache(self, inputs: Iterable[torch.Tensor]) -> None:

@@ -131,8 +131,9 @@ class Run(Session):
     def cache_teacher(self) -> None:
         """The frozen teacher's logits of every training example, computed once when the
         distillation caches them for this data (:mod:`.distill`); each process computes all."""
-        dataset = self.batches.source.dataset
-        self.cached = hasattr(self.distillation, "caches") and self.distillation.caches(dataset)
+        source = self.batches.source
+        self.cached = (hasattr(self.distillation, "caches")
+                       and self.distillation.caches(source.dataset, source.collate_fn))
         if self.cached:
             batches = tqdm(evaluation_loader(self.batches.source), unit="batch", leave=False,
                            desc="teacher logits", dynamic_ncols=True,

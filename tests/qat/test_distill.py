@@ -253,3 +253,5 @@ def test_a_cache_is_refused_where_the_teacher_must_run():
     assert not Distillation(teacher, joint=True).caches(data)
     assert not Distillation(teacher, cache=False).caches(data)
     assert Distillation(teacher).caches(torch.utils.data.Subset(data, [1, 2]))
+    assert not Distillation(teacher).caches(data, collate_fn=lambda batch: batch)
+    assert Distillation(teacher, cache=True).caches(data, collate_fn=lambda batch: batch)
