@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qcompile.quant import make_quantizer
@@ -11,6 +11,9 @@ from qcompile.quant.sigmoid_window import (
     sigmoid_term,
     HALF_WIDTHS,
     choose_half_width,
+    nearest_sum,
+    saturated_half_width,
+    selected_sum,
     truncation_bound,
     window_sum,
 )
@@ -136,14 +139,18 @@ def test_refresh_chooses_from_the_parameters_and_temperature_alone():
         assert q.soft_half_width == expected
 
 
-def test_six_bit_quantizer_windows_once_the_temperature_allows_and_four_bit_never():
+def test_quantizers_window_once_the_temperature_allows_and_three_bit_never():
+    """6 bits: within the truncation bound's tolerance; 4 bits: only once everything outside the
+    window is saturated (a step apart: T > 15 for 2 W = 4, T > 30 for 2); 3 bits: never."""
     x = torch.rand(3000, dtype=torch.float64) * 2
-    for bits, windows in ((6, (16, 4, 2)), (4, (None, None, None))):
+    temperatures = (1.0, 3.0, 20.0, 40.0)
+    for bits, windows in ((6, (16, 4, 2, 2)), (4, (None, None, 2, 1)),
+                          (3, (None, None, None, None))):
         q = make_quantizer("qn", "activation", bits, signed=False).double()
         q.initialize(x)
         q.train()
         alpha, beta = q.scales()
-        for temperature, expected in zip((1.0, 3.0, 20.0), windows, strict=True):
+        for temperature, expected in zip(temperatures, windows, strict=True):
             q.set_temperature(temperature)
             q.refresh_window()
             assert q.soft_half_width == expected
@@ -196,3 +203,124 @@ def test_sigmoid_terms_and_their_gradients_stay_normal(grad, offset):
     inside = z.detach().abs() <= SATURATION
     assert torch.equal(term[inside], plain[inside])
     assert float((term.detach() - plain).abs().max()) <= 1e-13
+
+
+def clamped_full_sum(scaled, biases, temperature, axis):
+    """The full sum with each term clamped as :func:`sigmoid_term` clamps it (what QN trains)."""
+    shape = [1] * scaled.dim() + [biases.shape[-1]]
+    if biases.shape[0] > 1:
+        shape[axis] = biases.shape[0]
+    return sigmoid_term(temperature * (scaled.unsqueeze(-1) - biases.reshape(shape))).sum(-1)
+
+
+def value_and_gradients(form, scaled, biases, temperature, half_width, weights):
+    scaled = scaled.detach().clone().requires_grad_(True)
+    biases = biases.detach().clone().requires_grad_(True)
+    if half_width is None:
+        total = clamped_full_sum(scaled, biases, temperature, 1)
+    else:
+        total = form(scaled, biases, temperature, half_width, 1)
+    (total * weights).sum().backward()
+    return total.detach(), scaled.grad, biases.grad
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), channels=st.sampled_from([1, 3]),
+       count=st.sampled_from([15, 31]), jitter=st.floats(0.0, 0.45),
+       temperature=st.floats(1.0, 400.0), form=st.sampled_from([selected_sum, window_sum]))
+def test_a_saturated_window_is_the_clamped_full_sum(seed, channels, count, jitter, temperature,
+                                                    form):
+    """Both forms of the nearest-threshold sum (selects, compiled; a gather, eager) give the
+    clamped full sum's value to within the left-out ``exp(-30)`` tails, and its gradients for
+    the inputs and every threshold to float64 rounding."""
+    biases = random_thresholds(seed, channels, count, jitter)
+    half_width = saturated_half_width(biases, temperature)
+    assume(half_width is not None)
+    gen = torch.Generator().manual_seed(seed + 1)
+    scaled = (torch.rand(4, channels, 40, generator=gen, dtype=torch.float64) * (count + 4)
+              - count / 2 - 2)
+    weights = torch.randn(scaled.shape, generator=gen, dtype=torch.float64)
+    temperature = torch.tensor(temperature, dtype=torch.float64)
+    value, grad_x, grad_b = value_and_gradients(form, scaled, biases, temperature, half_width,
+                                                weights)
+    full, full_x, full_b = value_and_gradients(form, scaled, biases, temperature, None, weights)
+    assert float((value - full).abs().max()) <= count * 1e-13
+    torch.testing.assert_close(grad_x, full_x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_b, full_b, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("form", [selected_sum, window_sum])
+def test_a_window_too_narrow_for_the_temperature_shows(form):
+    """The same comparison fails where a sigmoid left out of the window is not saturated."""
+    biases = random_thresholds(0, 1, 15, 0.0)
+    assert saturated_half_width(biases, 10.0) is None
+    assert saturated_half_width(biases, 20.0) == 2
+    scaled = torch.linspace(-9.0, 9.0, 721, dtype=torch.float64).reshape(1, 1, -1)
+    weights = torch.ones_like(scaled)
+    for temperature, half_width, apart in ((3.0, 1, True), (20.0, 1, True), (20.0, 2, False)):
+        temperature = torch.tensor(temperature, dtype=torch.float64)
+        value, grad_x, _ = value_and_gradients(form, scaled, biases, temperature, half_width,
+                                               weights)
+        full, full_x, _ = value_and_gradients(form, scaled, biases, temperature, None, weights)
+        error = float((value - full).abs().max())
+        assert (error > 1e-9) if apart else (error <= 15 * 1e-13)
+        assert (float((grad_x - full_x).abs().max()) > 1e-8) == apart
+
+
+def test_crowded_thresholds_get_a_wider_window_or_none():
+    biases = random_thresholds(0, 2, 15, 0.0)
+    assert saturated_half_width(biases, 40.0) == 1
+    biases[1, 7] = biases[1, 6] + 0.1
+    biases = biases.sort(dim=-1).values
+    assert saturated_half_width(biases, 40.0) == 2
+    biases[1, 8] = biases[1, 6]
+    biases = biases.sort(dim=-1).values
+    assert saturated_half_width(biases, 40.0) is None
+    assert saturated_half_width(random_thresholds(0, 1, 3, 0.0), 1e4) is None
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_compiled_four_bit_quantizer_sums_the_window_and_matches_the_full_sum(per_channel,
+                                                                             monkeypatch):
+    """A compiled 4-bit QN quantizer, once annealed past saturation, traces :func:`selected_sum`
+    and agrees with eager's full sum in value and in the gradients of its input and every
+    parameter; its threshold gradients come out the same on every call (a fixed-order reduction,
+    no atomic scatter)."""
+    import qcompile.quant.sigmoid_window as sigmoid_window
+
+    traced = []
+
+    def counted(*args):
+        traced.append(args[3])
+        return selected_sum(*args)
+
+    monkeypatch.setattr(sigmoid_window, "selected_sum", counted)
+    torch.manual_seed(0)
+    kind = "weight" if per_channel else "activation"
+    q = make_quantizer("qn", kind, 4, signed=per_channel, per_channel=per_channel, channels=8)
+    x = torch.randn(8, 16, 6, 6) * 3
+    q.initialize(x)
+    q.train()
+    q.set_temperature(60.0)
+    q.refresh_window()
+    assert q.soft_half_width == 1
+    weights = torch.randn(x.shape)
+
+    def run(module):
+        q.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        y = module(xg)
+        (y * weights).sum().backward()
+        return [y.detach(), xg.grad] + [p.grad.clone() for p in q.parameters()]
+
+    compiled = torch.compile(q, dynamic=False, fullgraph=True)
+    first, second = run(compiled), run(compiled)
+    assert traced and set(traced) == {1}
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    soft_half_width = q.soft_half_width
+    q.window_half_width = lambda ordered: None
+    full = run(q)
+    del q.window_half_width
+    q.soft_half_width = soft_half_width
+    for got, want in zip(first, full, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
