@@ -11,7 +11,6 @@ from qcompile.quant.sigmoid_window import (
     sigmoid_term,
     HALF_WIDTHS,
     choose_half_width,
-    nearest_sum,
     saturated_half_width,
     selected_sum,
     truncation_bound,
