@@ -29,7 +29,14 @@ from qcompile.qat.interrupt import StopRequests
 from qcompile.qat.loaders import EpochBatches, Source, evaluation_loader, split_batch
 from qcompile.qat.metrics import EpochMeter, History, MetricsLog
 from qcompile.qat.optim import OptimConfig, make_lr_schedule, make_optimizer, parameter_groups
-from qcompile.qat.quantizers import freeze_model_input_quantizers, refresh_windows
+from qcompile.qat.quantizers import (
+    attach_gates,
+    detach_gates,
+    drop_gated_off_gradients,
+    freeze_model_input_quantizers,
+    refresh_windows,
+    sync_gates,
+)
 from qcompile.qat.session import Session
 from qcompile.qat.state import Schedule, TrainState
 
@@ -75,6 +82,7 @@ class Run(Session):
         self.frozen: list[nn.Parameter] = []
         self.teacher = None if distillation is None else distillation.teacher.to(world.device)
         self.cached = False
+        self.gated: list = []
 
     def fit(self, resume: bool) -> History:
         """Train from the start or from the checkpoint; the teacher, when trained jointly under
@@ -90,6 +98,7 @@ class Run(Session):
                 self.distillation.drop_cache()
             for param in self.frozen:
                 param.requires_grad_(True)
+            detach_gates(self.gated)
         self.world.broadcast_buffers(self.model)
         if self.distillation is not None and self.distillation.trainable_parameters():
             self.world.broadcast_buffers(self.teacher)
@@ -155,6 +164,9 @@ class Run(Session):
         self.optimizer = make_optimizer(groups, self.config.optim)
         self.lr_schedule = make_lr_schedule(self.optimizer, self.config.optim,
                                             self.state.total_steps, self.state.step)
+        if self.config.compile and any(getattr(schedule, "switches_every_step", False)
+                                       for schedule in self.schedules):
+            self.gated = attach_gates(self.model)
         self.forward_model = self.world.wrap(self.model)
         if self.config.compile:
             self.forward_model = compiled(self.forward_model)
@@ -200,6 +212,7 @@ class Run(Session):
             self.build_optimizer()
         if self.config.compile:
             refresh_windows(self.model)
+            sync_gates(self.gated)
         self.safe = False
         logits = self.forward_model(inputs)
         if self.distillation is not None:
@@ -210,6 +223,7 @@ class Run(Session):
             loss, figures = F.cross_entropy(logits, labels), {}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        drop_gated_off_gradients(self.gated)
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
         self.optimizer.step()
@@ -337,7 +351,9 @@ def compiled(module: nn.Module) -> nn.Module:
     which graph a full batch runs never depends on the batch sizes seen before, in this process
     or in a resumed one, which keeps resumed runs bit for bit. Changed module settings (a
     quantizer switched off, hard mode, frozen batch norm, new quantizers) recompile as guards
-    fail; beyond dynamo's recompile limit a new combination runs eagerly.
+    fail; beyond dynamo's recompile limit a new combination runs eagerly. Schedules that switch
+    quantizers every step (stochastic precision) get gates instead (:func:`attach_gates`): the
+    switches are tensors the one graph reads.
     """
     return torch.compile(module, dynamic=False)
 

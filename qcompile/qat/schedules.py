@@ -46,6 +46,8 @@ class StochasticPrecision(Schedule):
 
     name = "stochastic-precision"
     salt = 0x5350
+    switches_every_step = True
+    """Read by the training loop: a compiled step then reads the switches as tensors."""
 
     def __init__(self, start: float = 0.5, end: float = 1.0, full_at: float = 0.8):
         if not 0 <= start <= end <= 1 or not 0 < full_at <= 1:

@@ -245,6 +245,9 @@ class Quantizer(nn.Module):
         self.channel_axis = channel_axis
         self.enabled = True
         self.hard = False
+        # ``enabled`` as a tensor, for compiled training steps that switch quantizers per step
+        # (set by the training loop, see qcompile.qat.quantizers.attach_gates).
+        self.register_buffer("gate", None, persistent=False)
 
     def set_hard(self, hard: bool = True) -> "Quantizer":
         """Select the hard forward (the one :meth:`integer_spec` describes exactly) or soft."""
@@ -252,6 +255,11 @@ class Quantizer(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = getattr(self, "gate", None)
+        if gate is not None and torch.compiler.is_compiling():
+            # One compiled graph whichever quantizers a step switches off: ``x`` where the gate
+            # is off (its gradient too), the quantized value where it is on.
+            return torch.where(gate, self.fake_quantize(x), x)
         return self.fake_quantize(x) if self.enabled else x
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,11 @@ import qcompile
 from qcompile.errors import TrainingInterrupted
 from qcompile.fused import ConvBatchNorm
 from qcompile.models import SmallCNN
-from qcompile.qat import train
+from qcompile.qat import StochasticPrecision, train
+from qcompile.qat.schedules import Schedule
 from qcompile.quant import Quantizer, available_methods, make_quantizer
 from tiny_runs import (FreezeStatisticsAt, InterruptAt, assert_same_weights, digits,
-                       quantized_model, train_pair, val_pair)
+                       quantized_model, quantizers, train_pair, val_pair)
 
 METHODS = available_methods()
 WORKER = Path(__file__).with_name("ddp_compile_worker.py")
@@ -205,3 +206,66 @@ def test_compiled_training_under_ddp_keeps_the_processes_in_step(tmp_path):
         assert torch.equal(first["final"][name], second["final"][name]), name
     assert any(not torch.equal(first["final"][n], first["initial"][n]) for n in first["final"])
     assert first["records"][-1]["train_loss"] < first["records"][0]["train_loss"]
+
+
+class SwitchedOffStayPut(Schedule):
+    """After stochastic precision's draw: the parameters of the quantizers it switched off for
+    the previous step are where that step found them."""
+
+    def __init__(self):
+        self.held: dict[int, list[torch.Tensor]] = {}
+        self.checked = 0
+
+    def on_step_start(self, state):
+        for quantizer in quantizers(state.model):
+            before = self.held.get(id(quantizer))
+            if before is not None:
+                now = [p.detach() for p in quantizer.parameters()]
+                assert all(torch.equal(a, b) for a, b in zip(before, now, strict=True))
+                self.checked += 1
+        self.held = {id(q): [p.detach().clone() for p in q.parameters()]
+                     for q in quantizers(state.model) if not q.enabled}
+
+
+def test_compiled_stochastic_precision_is_one_graph_and_leaves_switched_off_quantizers_alone():
+    """Each step switches another combination of layers to full precision; compiled, the
+    switches are data (gates), not a new graph per combination (dynamo's limit of 8 graphs was
+    reached, and the rest ran eagerly). A switched-off quantizer's parameters get no gradient,
+    as in an eager step, so Adam's momentum does not move them."""
+    model = quantized_model()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    probe = SwitchedOffStayPut()
+    train(model, train_pair(), epochs=3, batch_size=32, lr=5e-3, seed=3, progress=False,
+          compile=True, schedules=[StochasticPrecision(start=0.3), probe])
+    assert probe.checked >= 10
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert all(q.gate is None and q.enabled for q in quantizers(model))
+
+
+@pytest.mark.parametrize("method", ["lsq", "qn"])
+def test_a_gated_quantizer_compiled_is_the_eager_switch(method):
+    """Gate off: the input itself and its gradient unchanged; on: the quantized value and its
+    gradients, as the eager quantizer switched by ``enabled``."""
+    from qcompile.qat.quantizers import attach_gates, sync_gates
+
+    q, x = quantizer(method, "activation", 2)
+    gated = attach_gates(q)
+    compiled = torch.compile(q, dynamic=False, fullgraph=True)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    for enabled in (False, True, False):
+        results = []
+        for forward in (compiled, q):
+            q.enabled = enabled
+            sync_gates(gated)
+            x.grad = None
+            y = forward(x)
+            (y * upstream).sum().backward()
+            results.append((y.detach(), x.grad.clone()))
+        (ours, our_grad), (eager, eager_grad) = results
+        if enabled:
+            torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(our_grad, eager_grad, rtol=1e-5, atol=1e-6)
+            assert not torch.equal(ours, x.detach())
+        else:
+            assert torch.equal(ours, x.detach()) and torch.equal(our_grad, upstream)
