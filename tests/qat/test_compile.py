@@ -168,14 +168,17 @@ def compiled_run(checkpoint_dir=None, *schedules, resume=False):
 
 
 @pytest.mark.slow
-def test_an_interrupted_compiled_run_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("switching", [False, True])
+def test_an_interrupted_compiled_run_resumes_bit_for_bit(tmp_path, switching):
+    """Also with stochastic precision, whose switches a compiled step reads as gates."""
+    extra = [StochasticPrecision(start=0.4)] if switching else []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        expected, expected_history = compiled_run()
+        expected, expected_history = compiled_run(None, *extra)
         with pytest.raises(TrainingInterrupted):
-            compiled_run(tmp_path, InterruptAt(6))
-        resumed, history = compiled_run(tmp_path, InterruptAt(None), resume=True)
+            compiled_run(tmp_path, *extra, InterruptAt(6))
+        resumed, history = compiled_run(tmp_path, *extra, InterruptAt(None), resume=True)
     finally:
         torch.set_num_threads(threads)
     assert expected.state_dict().keys() == quantized_model().state_dict().keys()
