@@ -196,10 +196,12 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_compiled_training_under_ddp_keeps_the_processes_in_step(tmp_path):
+@pytest.mark.parametrize("switching", [False, True])
+def test_compiled_training_under_ddp_keeps_the_processes_in_step(tmp_path, switching):
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(free_port()), str(WORKER), str(tmp_path)]
+    command += ["switching"] if switching else []
     result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -253,6 +255,7 @@ def test_a_gated_quantizer_compiled_is_the_eager_switch(method):
     from qcompile.qat.quantizers import attach_gates, sync_gates
 
     q, x = quantizer(method, "activation", 2)
+    torch._dynamo.reset()  # the suite's other compiled quantizers count against the limit of 8
     gated = attach_gates(q)
     compiled = torch.compile(q, dynamic=False, fullgraph=True)
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
