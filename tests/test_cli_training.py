@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from qcompile import cli
@@ -38,17 +39,20 @@ def test_training_shows_progress_and_ends_with_the_summary(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
-def test_compile_trains_through_torch_compile(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("switching", [False, True])
+def test_compile_trains_through_torch_compile(tmp_path, monkeypatch, capsys, switching):
     """``--compile``: the training step runs compiled (dynamo compiled a graph in this
-    process), and the run ends as any other (records, summary)."""
+    process), and the run ends as any other (records, summary). With stochastic precision,
+    whose draws switch layers every step, still one graph per batch size."""
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
     monkeypatch.chdir(tmp_path)
-    code = cli.main(command(tmp_path, "--epochs", "1", "--distill", "--compile")[3:])
+    extra = ["--stochastic-precision"] if switching else []
+    code = cli.main(command(tmp_path, "--epochs", "1", "--distill", "--compile", *extra)[3:])
     out = capsys.readouterr().out
     assert code == 0
-    assert counters["stats"]["unique_graphs"] >= 1
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2
     summary = next(line for line in out.splitlines() if line.startswith("summary:"))
     assert "after 1 epochs" in summary
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
