@@ -142,7 +142,7 @@ def window_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: t
 def saturated_half_width(sorted_biases: torch.Tensor, temperature: float) -> int | None:
     """The smallest ``W`` (1, 2, 4, ...) whose window leaves out only saturated sigmoids, or None.
 
-    For the few thresholds of 2-5 bits (:func:`nearest_sum`). A threshold outside the window of
+    For the few thresholds of 3-5 bits (:func:`nearest_sum`). A threshold outside the window of
     ``2 W`` around an element is at least a span of ``W`` consecutive gaps away from it (the
     argument in the module docstring), so when ``T`` times the smallest such span exceeds
     :data:`SATURATION` every left-out term is clamped: it adds exactly 1 (below; ``sigmoid(30)``
