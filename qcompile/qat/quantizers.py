@@ -97,6 +97,7 @@ def drop_gated_off_gradients(quantizers: list[Quantizer]) -> None:
 
 
 def detach_gates(quantizers: list[Quantizer]) -> None:
+    """Take the gates away again (the run is over): the switch is ``enabled`` alone."""
     for quantizer in quantizers:
         quantizer.gate = None
 
