@@ -85,8 +85,8 @@ NEAREST_STEPS = 14
 """From this many thresholds (4 and 5 bits: 14 or 15 and 30 or 31, signed or unsigned; below
 :data:`WINDOWED_STEPS`) :meth:`QNQuantizer.soft` sums only the sigmoids near each element once
 the others are saturated (:func:`~qcompile.quant.sigmoid_window.nearest_sum`): at 4 bits, with
-thresholds a step apart, 4 of the 15 from ``T`` of 15 on and 2 from 30 on (the default annealing
-of 12 epochs passes 15 in its second epoch and 30 in its third). At 3 bits a window of 2 of the 7
+thresholds a step apart, 2 of the 15 from ``T`` of 30 on (the default annealing of 12 epochs
+passes 30 in its third epoch). At 3 bits a window of 2 of the 7
 gained 10% compiled (4.5 -> 4.1 ms) and lost 20% eager (24 -> 30 ms), so 7 thresholds are summed
 in full."""
 WINDOWED_STEPS = 32

@@ -140,26 +140,27 @@ def window_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: t
 
 
 def saturated_half_width(sorted_biases: torch.Tensor, temperature: float) -> int | None:
-    """The smallest ``W`` (1, 2, 4, ...) whose window leaves out only saturated sigmoids, or None.
+    """1 when the window of the two thresholds around each element leaves out only saturated
+    sigmoids, else None.
 
     For the few thresholds of 3-5 bits (:func:`nearest_sum`). A threshold outside the window of
     ``2 W`` around an element is at least a span of ``W`` consecutive gaps away from it (the
-    argument in the module docstring), so when ``T`` times the smallest such span exceeds
+    argument in the module docstring), so when ``T`` times the smallest gap exceeds
     :data:`SATURATION` every left-out term is clamped: it adds exactly 1 (below; ``sigmoid(30)``
     is 1 in float32) or ``exp(-30)`` (above), and its gradient is exactly zero, in the full sum as
-    well. Only windows of at most a quarter of the thresholds are offered: a window's gather costs
-    a select per threshold and element, which a half-full window does not earn back (a 2-bit
-    quantizer's 3 sigmoids against a window of 2 measured 2.4 -> 2.7 ms, compiled).
+    well. Wider windows (``W = 2`` saturates at half the temperature) are not offered: each
+    window size is one more graph for ``torch.compile`` to build, and on the MNIST benchmark's
+    QN W4A4 run the window of 4 served one epoch for ~23 s of compilation (74 s in all with
+    ``W = 1`` alone, 97 s with both; the same step time). Nor are windows of more than a quarter
+    of the thresholds: a window's gather costs a select per threshold and element, which a
+    half-full window does not earn back (a 2-bit quantizer's 3 sigmoids against a window of 2
+    measured 2.4 -> 2.7 ms, compiled).
     """
-    count = sorted_biases.shape[-1]
-    half_width = 1
+    if sorted_biases.shape[-1] < 4:
+        return None
     with torch.no_grad():
-        while 4 * half_width <= count:
-            spans = sorted_biases[..., half_width:] - sorted_biases[..., :-half_width]
-            if temperature * float(spans.min()) > SATURATION:
-                return half_width
-            half_width *= 2
-    return None
+        gaps = sorted_biases[..., 1:] - sorted_biases[..., :-1]
+        return 1 if temperature * float(gaps.min()) > SATURATION else None
 
 
 def nearest_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: torch.Tensor,
