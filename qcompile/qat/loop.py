@@ -166,7 +166,7 @@ class Run(Session):
                                             self.state.total_steps, self.state.step)
         if self.config.compile and any(getattr(schedule, "switches_every_step", False)
                                        for schedule in self.schedules):
-            self.gated = attach_gates(self.model)
+            self.gated = attach_gates(self.model, self.world.device)
         self.forward_model = self.world.wrap(self.model)
         if self.config.compile:
             self.forward_model = compiled(self.forward_model)

@@ -65,7 +65,7 @@ def refresh_windows(gm: nn.Module) -> None:
             refresh()
 
 
-def attach_gates(gm: nn.Module) -> list[Quantizer]:
+def attach_gates(gm: nn.Module, device: torch.device) -> list[Quantizer]:
     """Give every quantizer a ``gate`` tensor that mirrors ``enabled`` (:func:`sync_gates`), so
     that a compiled step reads the switch as data and one graph serves every combination of
     quantizers on and off. Stochastic precision draws a new combination every step; with the
@@ -73,8 +73,6 @@ def attach_gates(gm: nn.Module) -> list[Quantizer]:
     rest ran eagerly (LSQ W2A2, 4 short epochs: 8 graphs, 61 s). Returns the gated quantizers."""
     gated = [module for module in gm.modules() if isinstance(module, Quantizer)]
     for quantizer in gated:
-        reference = next(iter([*quantizer.parameters(), *quantizer.buffers()]), None)
-        device = reference.device if reference is not None else None
         quantizer.gate = torch.tensor(bool(quantizer.enabled), device=device)
     return gated
 
@@ -82,8 +80,7 @@ def attach_gates(gm: nn.Module) -> list[Quantizer]:
 def sync_gates(quantizers: list[Quantizer]) -> None:
     """Copy each quantizer's ``enabled`` into its gate (before a compiled step)."""
     for quantizer in quantizers:
-        if quantizer.gate is not None:
-            quantizer.gate.fill_(bool(quantizer.enabled))
+        quantizer.gate.fill_(bool(quantizer.enabled))
 
 
 def drop_gated_off_gradients(quantizers: list[Quantizer]) -> None:

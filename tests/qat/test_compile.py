@@ -256,7 +256,7 @@ def test_a_gated_quantizer_compiled_is_the_eager_switch(method):
 
     q, x = quantizer(method, "activation", 2)
     torch._dynamo.reset()  # the suite's other compiled quantizers count against the limit of 8
-    gated = attach_gates(q)
+    gated = attach_gates(q, x.device)
     compiled = torch.compile(q, dynamic=False, fullgraph=True)
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     for enabled in (False, True, False):
