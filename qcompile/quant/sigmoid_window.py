@@ -194,12 +194,10 @@ def selected_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature:
         shape[axis % scaled.dim()] = channels
     columns = [sorted_biases[:, i].reshape(shape) for i in range(count)]
     with torch.no_grad():
-        # The count of thresholds reached (``not x < t``, as threshold_index), in int32: with
-        # int64 counts inductor's CPU code for this function took 45-51 ms instead of 5.
-        reached = torch.zeros(scaled.shape, dtype=torch.int32, device=scaled.device)
-        for column in columns:
-            reached = reached + (~(scaled < column)).to(torch.int32)
-        lower = (reached - half_width).clamp(0, count - width)
+        # The window's start in int32: with int64 arithmetic on it inductor's CPU code for
+        # this function took 45-51 ms instead of 5.
+        reached = threshold_index(scaled, sorted_biases, axis if channels > 1 else None)
+        lower = (reached.to(torch.int32) - half_width).clamp(0, count - width)
     total = lower.to(scaled.dtype)
     for offset in range(width):
         threshold = None
