@@ -4,10 +4,13 @@ import math
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
 from torch.func import functional_call
 
 from qcompile.quant import get_method, make_quantizer
+from qcompile.quant import qn
 from qcompile.quant.qn import QNActivationQuantizer, QNWeightQuantizer
 
 
@@ -210,3 +213,45 @@ def test_scales_survive_ordinary_optimizer_steps():
         optimizer.step()
     assert float(q.alpha.detach()) > 0 and float(q.beta.detach()) > 0
     assert q(w).unique().numel() > 16
+
+
+def compiled_backward_sigmoids(q, x) -> tuple[int, list[torch.Tensor]]:
+    """How many sigmoids inductor's code for ``q``'s backward pass on ``x`` evaluates (each is a
+    vectorized ``exp`` of the negated argument), and the compiled value and gradients."""
+    torch._dynamo.reset()
+    compiled = torch.compile(q, dynamic=False, fullgraph=True)
+    results = []
+
+    def step():
+        results.extend(value_and_gradients(compiled, q, x))
+
+    _, (forward_code, backward_code) = run_and_get_code(step)
+    assert forward_code.count(".neg().exp()") == len(q.heights)
+    return backward_code.count(".neg().exp()"), results
+
+
+def value_and_gradients(forward, q, x) -> list[torch.Tensor]:
+    q.zero_grad()
+    xg = x.clone().requires_grad_(True)
+    y = forward(xg)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    return [y.detach(), xg.grad] + [p.grad.clone() for p in q.parameters()]
+
+
+@pytest.mark.parametrize("bits, kept", [(2, True), (3, False)])
+def test_a_compiled_backward_reads_the_forwards_sigmoids_up_to_two_bits(bits, kept, monkeypatch):
+    """With at most KEPT_SIGMOIDS thresholds the compiled backward evaluates no sigmoid (it reads
+    the forward's); left to the partitioner it evaluates all of them again, as at 3 bits. The
+    value and gradients are eager's either way."""
+    torch.manual_seed(0)
+    q = make_quantizer("qn", "activation", bits, signed=False)
+    x = torch.relu(torch.randn(4, 3, 8, 8))
+    q.initialize(x)
+    q.train().set_temperature(5.0)
+    recomputed, compiled = compiled_backward_sigmoids(q, x)
+    assert recomputed == (0 if kept else len(q.heights))
+    if kept:
+        monkeypatch.setattr(qn, "KEPT_SIGMOIDS", 0)
+        assert compiled_backward_sigmoids(q, x)[0] == len(q.heights)
+    for got, want in zip(compiled, value_and_gradients(q, q, x), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
