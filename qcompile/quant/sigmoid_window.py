@@ -23,8 +23,8 @@ and the derivative in ``s`` misses at most ``T`` times that. Thresholds that cro
 
 For the 14-31 thresholds of 4-5 bits, whose windows are too few per threshold for that bound to
 pay, :func:`nearest_sum` uses a window only once every sigmoid outside it is saturated
-(:func:`saturated_half_width`): then it computes the clamped full sum itself, not an
-approximation of it.
+(:func:`saturated_width`): the two thresholds around each element, then the nearest one alone.
+It computes the clamped full sum itself, not an approximation of it.
 
 The gradient of the window's thresholds is each element's contribution summed into the
 threshold it read. A scatter-add (``index_put_``, or inductor's atomic adds) sums them in
@@ -115,18 +115,18 @@ class GatherThresholds(torch.autograd.Function):
 
 
 def window_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: torch.Tensor,
-               half_width: int, axis: int | None) -> torch.Tensor:
-    """``sum_i sigmoid(T * (scaled - b_i))`` to within :func:`truncation_bound`.
+               width: int, axis: int | None) -> torch.Tensor:
+    """``sum_i sigmoid(T * (scaled - b_i))`` over the ``width`` sorted thresholds of each
+    element's window (:func:`window_start`), counting those below it as whole steps: within
+    :func:`truncation_bound` of the full sum for a window of ``2 W``.
 
     ``sorted_biases`` is (C, n), rows non-decreasing, one row per channel along ``axis`` of
     ``scaled`` (a single row when per tensor); gradients reach ``scaled``, ``sorted_biases`` (the
-    ``2 W`` of the window, per element) and ``temperature``.
+    window's, per element) and ``temperature``.
     """
     channels, count = sorted_biases.shape
-    width = 2 * half_width
+    lower = window_start(scaled, sorted_biases, width, axis).long()
     with torch.no_grad():
-        index = threshold_index(scaled, sorted_biases, axis if channels > 1 else None)
-        lower = (index - half_width).clamp(0, count - width)
         start = lower
         if channels > 1:
             shape = [1] * scaled.dim()
@@ -139,34 +139,54 @@ def window_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: t
     return lower.to(scaled.dtype) + steps
 
 
-def saturated_half_width(sorted_biases: torch.Tensor, temperature: float) -> int | None:
-    """1 when the window of the two thresholds around each element leaves out only saturated
-    sigmoids, else None.
+def saturated_width(sorted_biases: torch.Tensor, temperature: float) -> int | None:
+    """How many thresholds around each element leave out only saturated sigmoids: 1 (the
+    nearest) when ``T`` times the smallest gap exceeds ``2 * SATURATION``, 2 (the two around
+    it) when it exceeds :data:`SATURATION`, else None.
 
-    For the few thresholds of 3-5 bits (:func:`nearest_sum`). A threshold outside the window of
+    For the few thresholds of 4-5 bits (:func:`nearest_sum`). A threshold outside the window of
     ``2 W`` around an element is at least a span of ``W`` consecutive gaps away from it (the
-    argument in the module docstring), so when ``T`` times the smallest gap exceeds
-    :data:`SATURATION` every left-out term is clamped: it adds exactly 1 (below; ``sigmoid(30)``
-    is 1 in float32) or ``exp(-30)`` (above), and its gradient is exactly zero, in the full sum as
-    well. Wider windows (``W = 2`` saturates at half the temperature) are not offered: each
-    window size is one more graph for ``torch.compile`` to build, and on the MNIST benchmark's
-    QN W4A4 run the window of 4 served one epoch for ~23 s of compilation (74 s in all with
-    ``W = 1`` alone, 97 s with both; the same step time). Nor are windows of more than a quarter
-    of the thresholds: a window's gather costs a select per threshold and element, which a
-    half-full window does not earn back (a 2-bit quantizer's 3 sigmoids against a window of 2
-    measured 2.4 -> 2.7 ms, compiled).
+    argument in the module docstring), and one other than the nearest is at least half a gap
+    away, so past these temperatures every left-out term is clamped: it adds exactly 1 (below;
+    ``sigmoid(30)`` is 1 in float32) or ``exp(-30)`` (above), and its gradient is exactly zero,
+    in the full sum as well. Wider windows (``W = 2`` saturates at half the temperature) are not
+    offered: each window size is one more graph for ``torch.compile`` to build, and on the MNIST
+    benchmark's QN W4A4 run the window of 4 served one epoch for ~23 s of compilation (74 s in
+    all with ``W = 1`` alone, 97 s with both; the same step time). Nor are windows of more than a
+    quarter of the thresholds: picking a window's thresholds costs a select per threshold and
+    element, which a half-full window does not earn back (a 2-bit quantizer's 3 sigmoids against
+    a window of 2 measured 2.4 -> 2.7 ms, compiled).
     """
     if sorted_biases.shape[-1] < 4:
         return None
     with torch.no_grad():
         gaps = sorted_biases[..., 1:] - sorted_biases[..., :-1]
-        return 1 if temperature * float(gaps.min()) > SATURATION else None
+        reach = temperature * float(gaps.min())
+    if reach > 2 * SATURATION:
+        return 1
+    return 2 if reach > SATURATION else None
+
+
+def window_start(scaled: torch.Tensor, sorted_biases: torch.Tensor, width: int,
+                 axis: int | None) -> torch.Tensor:
+    """The first of the ``width`` sorted thresholds summed for each element, in int32 (no
+    gradient): for one threshold the nearest, which is the count of midpoints between adjacent
+    thresholds the element reaches; for ``2 W`` the ``W`` reached thresholds nearest it and the
+    ``W`` above, moved inside the row at its ends."""
+    channels, count = sorted_biases.shape
+    axis = axis if channels > 1 else None
+    with torch.no_grad():
+        if width == 1:
+            midpoints = (sorted_biases[:, 1:] + sorted_biases[:, :-1]) / 2
+            return threshold_index(scaled, midpoints, axis, torch.int32)
+        reached = threshold_index(scaled, sorted_biases, axis, torch.int32)
+        return (reached - width // 2).clamp(0, count - width)
 
 
 def nearest_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: torch.Tensor,
-                half_width: int, axis: int | None) -> torch.Tensor:
-    """``sum_i sigmoid_term(T * (scaled - b_i))`` from the ``2 W`` thresholds around each element,
-    for a ``W`` from :func:`saturated_half_width`: the clamped full sum's value up to the
+                width: int, axis: int | None) -> torch.Tensor:
+    """``sum_i sigmoid_term(T * (scaled - b_i))`` from the ``width`` thresholds around each
+    element, for a width from :func:`saturated_width`: the clamped full sum's value up to the
     ``exp(-30)`` of each saturated term above the window, and its gradients exactly (in exact
     arithmetic; float32 sums in another order).
 
@@ -180,24 +200,21 @@ def nearest_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: 
     what this returns.
     """
     if not torch.compiler.is_compiling():
-        return window_sum(scaled, sorted_biases, temperature, half_width, axis)
-    return selected_sum(scaled, sorted_biases, temperature, half_width, axis)
+        return window_sum(scaled, sorted_biases, temperature, width, axis)
+    return selected_sum(scaled, sorted_biases, temperature, width, axis)
 
 
 def selected_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: torch.Tensor,
-                 half_width: int, axis: int | None) -> torch.Tensor:
+                 width: int, axis: int | None) -> torch.Tensor:
     """:func:`nearest_sum`'s compiled form: the window's thresholds picked by selects."""
     channels, count = sorted_biases.shape
-    width = 2 * half_width
     shape = [1] * scaled.dim()
     if channels > 1:
         shape[axis % scaled.dim()] = channels
     columns = [sorted_biases[:, i].reshape(shape) for i in range(count)]
-    with torch.no_grad():
-        # The window's start in int32: with int64 arithmetic on it inductor's CPU code for
-        # this function took 45-51 ms instead of 5.
-        reached = threshold_index(scaled, sorted_biases, axis if channels > 1 else None)
-        lower = (reached.to(torch.int32) - half_width).clamp(0, count - width)
+    # The window's start in int32: with int64 arithmetic on it inductor's CPU code for this
+    # function took 45-51 ms instead of 5.
+    lower = window_start(scaled, sorted_biases, width, axis)
     total = lower.to(scaled.dtype)
     for offset in range(width):
         threshold = None

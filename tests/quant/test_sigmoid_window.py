@@ -12,7 +12,7 @@ from qcompile.quant.sigmoid_window import (
     sigmoid_term,
     HALF_WIDTHS,
     choose_half_width,
-    saturated_half_width,
+    saturated_width,
     selected_sum,
     truncation_bound,
     window_sum,
@@ -48,7 +48,7 @@ def test_window_sum_is_within_its_bound_of_the_full_sum(seed, channels, count, j
                               - 0.5)
     axis = 1 if channels > 1 else None
     t = torch.tensor(temperature, dtype=torch.float64)
-    error = (window_sum(scaled, biases, t, half_width, axis)
+    error = (window_sum(scaled, biases, t, 2 * half_width, axis)
              - full_sum(scaled, biases, t, 1)).abs().max().item()
     assert error <= truncation_bound(biases, temperature, half_width) + 1e-9
 
@@ -60,11 +60,11 @@ def test_bound_is_tight_enough_to_matter_and_an_error_past_the_window_shows():
     scaled = torch.linspace(-140, 140, 2001, dtype=torch.float64)
     t = torch.tensor(1.0, dtype=torch.float64)
     exact = full_sum(scaled, biases, t, 0)
-    coarse = (window_sum(scaled, biases, t, 4, None) - exact).abs().max().item()
+    coarse = (window_sum(scaled, biases, t, 8, None) - exact).abs().max().item()
     assert 1e-2 < coarse <= truncation_bound(biases, 1.0, 4)
     chosen = choose_half_width(biases, 1.0)
     assert chosen == 16
-    assert (window_sum(scaled, biases, t, chosen, None) - exact).abs().max().item() <= 1e-4
+    assert (window_sum(scaled, biases, t, 2 * chosen, None) - exact).abs().max().item() <= 1e-4
     assert choose_half_width(biases, 50.0) == 2
 
 
@@ -85,7 +85,8 @@ def test_gradients_match_the_full_sum_within_the_bound():
     assert half_width is not None and 2 * half_width < 63
     weights = torch.rand(6, 2, 7, dtype=torch.float64)
     grads = []
-    for total in (window_sum(scaled, biases, t, half_width, 1), full_sum(scaled, biases, t, 1)):
+    for total in (window_sum(scaled, biases, t, 2 * half_width, 1),
+                  full_sum(scaled, biases, t, 1)):
         grads.append(torch.autograd.grad((weights * total).sum(), (scaled, biases)))
     bound = 2.0 * truncation_bound(biases.detach(), 2.0, half_width)
     assert (grads[0][0] - grads[1][0]).abs().max().item() <= bound
@@ -110,22 +111,23 @@ def test_refresh_window_is_what_a_compiled_forward_reads():
     w = torch.randn(3, 40)
     q.initialize(w)
     q.train()
-    assert q.soft_half_width is None
+    assert q.soft_window is None
     q.refresh_window()
-    assert q.soft_half_width == choose_half_width(q.biases.detach().sort(-1).values, 1.0)
+    assert q.soft_window == 2 * choose_half_width(q.biases.detach().sort(-1).values, 1.0)
     torch._dynamo.reset()  # the suite's other compiled quantizers count against the limit of 8
     compiled = torch.compile(q, dynamic=False, fullgraph=True)
     torch.testing.assert_close(compiled(w), q(w), rtol=0, atol=1e-5)
-    q.set_temperature(40.0)
-    q.refresh_window()
-    assert q.soft_half_width == 2
-    torch.testing.assert_close(compiled(w), q(w), rtol=0, atol=1e-5)
+    for temperature, width in ((40.0, 4), (80.0, 1)):
+        q.set_temperature(temperature)
+        q.refresh_window()
+        assert q.soft_window == width
+        torch.testing.assert_close(compiled(w), q(w), rtol=0, atol=1e-5)
 
 
 def test_two_bit_quantizer_is_unchanged_by_windows():
     q = make_quantizer("qn", "activation", 2, signed=False)
     q.refresh_window()
-    assert q.soft_half_width is None
+    assert q.soft_window is None
 
 
 def test_refresh_chooses_from_the_parameters_and_temperature_alone():
@@ -133,20 +135,21 @@ def test_refresh_chooses_from_the_parameters_and_temperature_alone():
     (a resumed run must choose what the uninterrupted one did)."""
     q = make_quantizer("qn", "activation", 8, signed=False)
     q.initialize(torch.rand(1000) * 4)
-    for temperature, expected in ((1.0, 16), (3.0, 4), (1.0, 16)):
+    for temperature, expected in ((1.0, 32), (3.0, 8), (1.0, 32)):
         q.set_temperature(temperature)
-        q.soft_half_width = 64
+        q.soft_window = 128
         q.refresh_window()
-        assert q.soft_half_width == expected
+        assert q.soft_window == expected
 
 
 def test_quantizers_window_once_the_temperature_allows_and_three_bit_never():
-    """6 bits: within the truncation bound's tolerance; 4 bits: only once everything outside the
-    window of 2 is saturated (a step apart: T > 30); 3 bits: never."""
+    """6 bits: within the truncation bound's tolerance, then the nearest threshold alone once
+    every other sigmoid is saturated; 4 bits: only once everything outside the window of 2 is
+    saturated (a step apart: T > 30), then the nearest alone (T > 60); 3 bits: never."""
     x = torch.rand(3000, dtype=torch.float64) * 2
-    temperatures = (1.0, 3.0, 20.0, 40.0)
-    for bits, windows in ((6, (16, 4, 2, 2)), (4, (None, None, None, 1)),
-                          (3, (None, None, None, None))):
+    temperatures = (1.0, 3.0, 20.0, 40.0, 80.0)
+    for bits, windows in ((6, (32, 8, 4, 4, 1)), (4, (None, None, None, 2, 1)),
+                          (3, (None, None, None, None, None))):
         q = make_quantizer("qn", "activation", bits, signed=False).double()
         q.initialize(x)
         q.train()
@@ -154,7 +157,7 @@ def test_quantizers_window_once_the_temperature_allows_and_three_bit_never():
         for temperature, expected in zip(temperatures, windows, strict=True):
             q.set_temperature(temperature)
             q.refresh_window()
-            assert q.soft_half_width == expected
+            assert q.soft_window == expected
             full = alpha * full_sum(beta * x, q.biases.detach(), q.temperature, 0)
             assert (q(x) - full).abs().max().item() <= 1e-4 * alpha.item()
 
@@ -214,39 +217,48 @@ def clamped_full_sum(scaled, biases, temperature, axis):
     return sigmoid_term(temperature * (scaled.unsqueeze(-1) - biases.reshape(shape))).sum(-1)
 
 
-def value_and_gradients(form, scaled, biases, temperature, half_width, weights):
+def value_and_gradients(form, scaled, biases, temperature, width, weights):
     scaled = scaled.detach().clone().requires_grad_(True)
     biases = biases.detach().clone().requires_grad_(True)
-    if half_width is None:
+    if width is None:
         total = clamped_full_sum(scaled, biases, temperature, 1)
     else:
-        total = form(scaled, biases, temperature, half_width, 1)
+        total = form(scaled, biases, temperature, width, 1)
     (total * weights).sum().backward()
     return total.detach(), scaled.grad, biases.grad
 
 
-@settings(max_examples=60, deadline=None)
+def saturates(biases, temperature, width) -> bool:
+    """Whether every sigmoid outside a window of ``width`` thresholds is clamped: for one, the
+    nearest, half the smallest gap times ``T`` beyond the clamp; for ``2 W``, every span of ``W``
+    gaps."""
+    if width == 1:
+        return temperature * float((biases[..., 1:] - biases[..., :-1]).min()) / 2 > SATURATION
+    half = width // 2
+    return temperature * float((biases[..., half:] - biases[..., :-half]).min()) > SATURATION
+
+
+@settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**16), channels=st.sampled_from([1, 3]),
        count=st.sampled_from([15, 31]), jitter=st.floats(0.0, 0.45),
        temperature=st.floats(1.0, 400.0), form=st.sampled_from([selected_sum, window_sum]),
-       half_width=st.sampled_from([1, 2]))
+       width=st.sampled_from([1, 2, 4]))
 def test_a_saturated_window_is_the_clamped_full_sum(seed, channels, count, jitter, temperature,
-                                                    form, half_width):
+                                                    form, width):
     """Both forms of the nearest-threshold sum (selects, compiled; a gather, eager) give the
     clamped full sum's value to within the left-out ``exp(-30)`` tails, and its gradients for
     the inputs and every threshold to float64 rounding, for any window whose left-out sigmoids
-    are saturated (``T`` times every span of ``W`` gaps beyond the clamp)."""
+    are saturated: the nearest threshold alone, or ``2 W`` around the element."""
     biases = random_thresholds(seed, channels, count, jitter)
-    spans = biases[..., half_width:] - biases[..., :-half_width]
-    assume(temperature * float(spans.min()) > SATURATION)
-    if half_width == 1:
-        assert saturated_half_width(biases, temperature) == 1
+    assume(saturates(biases, temperature, width))
+    if width <= 2:
+        assert saturated_width(biases, temperature) <= width
     gen = torch.Generator().manual_seed(seed + 1)
     scaled = (torch.rand(4, channels, 40, generator=gen, dtype=torch.float64) * (count + 4)
               - count / 2 - 2)
     weights = torch.randn(scaled.shape, generator=gen, dtype=torch.float64)
     temperature = torch.tensor(temperature, dtype=torch.float64)
-    value, grad_x, grad_b = value_and_gradients(form, scaled, biases, temperature, half_width,
+    value, grad_x, grad_b = value_and_gradients(form, scaled, biases, temperature, width,
                                                 weights)
     full, full_x, full_b = value_and_gradients(form, scaled, biases, temperature, None, weights)
     assert float((value - full).abs().max()) <= count * 1e-13
@@ -258,14 +270,15 @@ def test_a_saturated_window_is_the_clamped_full_sum(seed, channels, count, jitte
 def test_a_window_too_narrow_for_the_temperature_shows(form):
     """The same comparison fails where a sigmoid left out of the window is not saturated."""
     biases = random_thresholds(0, 1, 15, 0.0)
-    assert saturated_half_width(biases, 20.0) is None
-    assert saturated_half_width(biases, 31.0) == 1
+    assert saturated_width(biases, 20.0) is None
+    assert saturated_width(biases, 31.0) == 2
+    assert saturated_width(biases, 61.0) == 1
     scaled = torch.linspace(-9.0, 9.0, 721, dtype=torch.float64).reshape(1, 1, -1)
     weights = torch.ones_like(scaled)
-    for temperature, half_width, apart in ((3.0, 1, True), (20.0, 1, True), (20.0, 2, False)):
+    for temperature, width, apart in ((3.0, 2, True), (20.0, 2, True), (20.0, 4, False),
+                                      (40.0, 1, True), (40.0, 2, False), (70.0, 1, False)):
         temperature = torch.tensor(temperature, dtype=torch.float64)
-        value, grad_x, _ = value_and_gradients(form, scaled, biases, temperature, half_width,
-                                               weights)
+        value, grad_x, _ = value_and_gradients(form, scaled, biases, temperature, width, weights)
         full, full_x, _ = value_and_gradients(form, scaled, biases, temperature, None, weights)
         error = float((value - full).abs().max())
         assert (error > 1e-9) if apart else (error <= 15 * 1e-13)
@@ -274,22 +287,25 @@ def test_a_window_too_narrow_for_the_temperature_shows(form):
 
 def test_crowded_thresholds_wait_for_a_higher_temperature_or_get_no_window():
     biases = random_thresholds(0, 2, 15, 0.0)
-    assert saturated_half_width(biases, 40.0) == 1
+    assert saturated_width(biases, 40.0) == 2
+    assert saturated_width(biases, 70.0) == 1
     biases[1, 7] = biases[1, 6] + 0.1  # one channel's gap: saturated only from T = 300
-    assert saturated_half_width(biases, 40.0) is None
-    assert saturated_half_width(biases, 301.0) == 1
+    assert saturated_width(biases, 70.0) is None
+    assert saturated_width(biases, 301.0) == 2
+    assert saturated_width(biases, 601.0) == 1
     biases[1, 7] = biases[1, 6]
-    assert saturated_half_width(biases, 1e6) is None
-    assert saturated_half_width(random_thresholds(0, 1, 3, 0.0), 1e4) is None
+    assert saturated_width(biases, 1e6) is None
+    assert saturated_width(random_thresholds(0, 1, 3, 0.0), 1e4) is None
 
 
+@pytest.mark.parametrize("temperature, width", [(45.0, 2), (90.0, 1)])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_compiled_four_bit_quantizer_sums_the_window_and_matches_the_full_sum(per_channel,
-                                                                             monkeypatch):
+def test_compiled_four_bit_quantizer_sums_the_window_and_matches_the_full_sum(
+        per_channel, temperature, width, monkeypatch):
     """A compiled 4-bit QN quantizer, once annealed past saturation, traces :func:`selected_sum`
-    and agrees with eager's full sum in value and in the gradients of its input and every
-    parameter; its threshold gradients come out the same on every call (a fixed-order reduction,
-    no atomic scatter)."""
+    over the window of 2, then the nearest threshold, and agrees with eager's full sum in value
+    and in the gradients of its input and every parameter; its threshold gradients come out the
+    same on every call (a fixed-order reduction, no atomic scatter)."""
     import qcompile.quant.sigmoid_window as sigmoid_window
 
     traced = []
@@ -306,9 +322,9 @@ def test_compiled_four_bit_quantizer_sums_the_window_and_matches_the_full_sum(pe
     x = torch.randn(8, 16, 6, 6) * 3
     q.initialize(x)
     q.train()
-    q.set_temperature(60.0)
+    q.set_temperature(temperature)
     q.refresh_window()
-    assert q.soft_half_width == 1
+    assert q.soft_window == width
     weights = torch.randn(x.shape)
 
     def run(module):
@@ -320,12 +336,10 @@ def test_compiled_four_bit_quantizer_sums_the_window_and_matches_the_full_sum(pe
 
     compiled = torch.compile(q, dynamic=False, fullgraph=True)
     first, second = run(compiled), run(compiled)
-    assert traced and set(traced) == {1}
+    assert traced and set(traced) == {width}
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    soft_half_width = q.soft_half_width
-    q.window_half_width = lambda ordered: None
+    q.window_width = lambda ordered: None
     full = run(q)
-    del q.window_half_width
-    q.soft_half_width = soft_half_width
+    del q.window_width
     for got, want in zip(first, full, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
