@@ -9,6 +9,7 @@ in the history and the metrics file, and a checkpoint. Checkpoint saving and res
 :class:`~qcompile.qat.session.Session`.
 """
 
+import contextlib
 import logging
 import random
 import time
@@ -116,7 +117,7 @@ class Run(Session):
             self.start()
         self.clock = (started, self.history.seconds)
         self.cache_teacher()
-        with StopRequests() as stop:
+        with StopRequests() as stop, graph_room(self.config.compile):
             try:
                 self.safe = True
                 while self.state.epoch < self.config.epochs:
@@ -351,11 +352,33 @@ def compiled(module: nn.Module) -> nn.Module:
     which graph a full batch runs never depends on the batch sizes seen before, in this process
     or in a resumed one, which keeps resumed runs bit for bit. Changed module settings (a
     quantizer switched off, hard mode, frozen batch norm, new quantizers) recompile as guards
-    fail; beyond dynamo's recompile limit a new combination runs eagerly. Schedules that switch
-    quantizers every step (stochastic precision) get gates instead (:func:`attach_gates`): the
-    switches are tensors the one graph reads.
+    fail (:func:`graph_room`). Schedules that switch quantizers every step (stochastic precision)
+    get gates instead (:func:`attach_gates`): the switches are tensors the one graph reads.
     """
     return torch.compile(module, dynamic=False)
+
+
+COMPILED_GRAPHS = 64
+"""How many graphs of the training forward a compiled run may build (:func:`graph_room`)."""
+
+
+def graph_room(compile: bool):
+    """Dynamo's recompile limit raised to :data:`COMPILED_GRAPHS` for the training loop when it
+    compiles (a context manager; the process's own setting is back afterwards, and kept when it
+    is higher already).
+
+    Past dynamo's default limit of 8 graphs per function, each new combination of settings would
+    run eagerly for the rest of the process, and the graphs a run makes multiply: one per batch
+    size (a short last batch), per QN window size (the full sum, the window of 2, the nearest
+    threshold; at 6-8 bits up to four more), per state of each schedule (batch norm frozen or
+    not, each progressive bit-width, quantizers set hard). A QN W4A4 run on the MNIST benchmark
+    makes 4 (three window sizes, then frozen batch norms); a short last batch doubles that, and
+    progressive bit-widths multiply it again.
+    """
+    limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS)
+    if not compile:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=limit)
 
 
 class _StopRequested(Exception):

@@ -16,7 +16,9 @@ from qcompile.errors import TrainingInterrupted
 from qcompile.fused import ConvBatchNorm
 from qcompile.models import SmallCNN
 from qcompile.qat import StochasticPrecision, train
+from qcompile.qat.loop import COMPILED_GRAPHS, graph_room
 from qcompile.qat.schedules import Schedule
+from qcompile.qat.state import TrainState
 from qcompile.quant import Quantizer, available_methods, make_quantizer
 from tiny_runs import (FreezeStatisticsAt, InterruptAt, assert_same_weights, digits,
                        quantized_model, quantizers, train_pair, val_pair)
@@ -275,3 +277,39 @@ def test_a_gated_quantizer_compiled_is_the_eager_switch(method):
             assert not torch.equal(ours, x.detach())
         else:
             assert torch.equal(ours, x.detach()) and torch.equal(our_grad, upstream)
+
+
+class SwitchEachEpoch(Schedule):
+    """Switches the quantizers on or off by the bits of the epoch's number as each epoch starts:
+    a new combination, so a new graph, every epoch."""
+
+    name = "switch"
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        for bit, quantizer in enumerate(quantizers(state.model)):
+            quantizer.enabled = not (state.epoch + 1) >> bit & 1
+
+
+def test_graph_room_raises_dynamos_limit_for_the_loop_alone():
+    default = torch._dynamo.config.recompile_limit
+    with graph_room(True):
+        assert torch._dynamo.config.recompile_limit == COMPILED_GRAPHS
+    assert torch._dynamo.config.recompile_limit == default
+    with graph_room(False):
+        assert torch._dynamo.config.recompile_limit == default
+    with torch._dynamo.config.patch(recompile_limit=2 * COMPILED_GRAPHS), graph_room(True):
+        assert torch._dynamo.config.recompile_limit == 2 * COMPILED_GRAPHS
+
+
+@pytest.mark.slow
+def test_a_compiled_run_compiles_every_graph_its_schedules_make():
+    """Ten settings in one run, ten graphs: with dynamo's default limit of 8 the last two epochs
+    ran eagerly."""
+    model = quantized_model()
+    epochs = 10
+    assert 2 ** len(quantizers(model)) > epochs
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train(model, train_pair(64), epochs=epochs, batch_size=64, lr=1e-3, seed=0, progress=False,
+          compile=True, schedules=[SwitchEachEpoch()])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == epochs
