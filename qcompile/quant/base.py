@@ -69,8 +69,8 @@ def threshold_index(x: torch.Tensor, thresholds: torch.Tensor, axis: int | None,
     inductor fuses with the code around it (its CPU backend runs a search as an opaque call over
     the whole tensor): see :func:`_fused_index`.
     """
-    dtype = torch.promote_types(x.dtype, thresholds.dtype)
-    x, thresholds = x.to(dtype), thresholds.to(device=x.device, dtype=dtype)
+    common = torch.promote_types(x.dtype, thresholds.dtype)
+    x, thresholds = x.to(common), thresholds.to(device=x.device, dtype=common)
     if torch.compiler.is_compiling():
         return _fused_index(x, thresholds, axis).to(dtype)
     narrow = dtype == torch.int32

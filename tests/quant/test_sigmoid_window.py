@@ -7,6 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qcompile.quant import make_quantizer
+from qcompile.quant.base import threshold_index
 from qcompile.quant.sigmoid_window import (
     SATURATION,
     sigmoid_term,
@@ -343,3 +344,17 @@ def test_compiled_four_bit_quantizer_sums_the_window_and_matches_the_full_sum(
     del q.window_width
     for got, want in zip(first, full, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_threshold_index_counts_in_the_integer_type_asked_for(dtype, compiled):
+    x = torch.linspace(-3, 3, 97)
+    thresholds = torch.tensor([-1.5, -0.5, 0.5, 1.5])
+    count = (lambda x: threshold_index(x, thresholds, None, dtype))
+    if compiled:
+        torch._dynamo.reset()
+        count = torch.compile(count, dynamic=False, fullgraph=True)
+    index = count(x)
+    assert index.dtype == dtype
+    assert torch.equal(index.long(), (x[:, None] >= thresholds).sum(dim=1))
