@@ -144,7 +144,8 @@ def saturated_width(sorted_biases: torch.Tensor, temperature: float) -> int | No
     nearest) when ``T`` times the smallest gap exceeds ``2 * SATURATION``, 2 (the two around
     it) when it exceeds :data:`SATURATION`, else None.
 
-    For the few thresholds of 4-5 bits (:func:`nearest_sum`). A threshold outside the window of
+    For the few thresholds of 1-5 bits (:func:`nearest_sum`; the window of 2 from 4 thresholds
+    on). A threshold outside the window of
     ``2 W`` around an element is at least a span of ``W`` consecutive gaps away from it (the
     argument in the module docstring), and one other than the nearest is at least half a gap
     away, so past these temperatures every left-out term is clamped: it adds exactly 1 (below;
@@ -157,14 +158,15 @@ def saturated_width(sorted_biases: torch.Tensor, temperature: float) -> int | No
     element, which a half-full window does not earn back (a 2-bit quantizer's 3 sigmoids against
     a window of 2 measured 2.4 -> 2.7 ms, compiled).
     """
-    if sorted_biases.shape[-1] < 4:
+    count = sorted_biases.shape[-1]
+    if count < 2:
         return None
     with torch.no_grad():
         gaps = sorted_biases[..., 1:] - sorted_biases[..., :-1]
         reach = temperature * float(gaps.min())
     if reach > 2 * SATURATION:
         return 1
-    return 2 if reach > SATURATION else None
+    return 2 if reach > SATURATION and count >= 4 else None
 
 
 def window_start(scaled: torch.Tensor, sorted_biases: torch.Tensor, width: int,
