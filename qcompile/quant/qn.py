@@ -30,9 +30,9 @@ which differs only exactly at a threshold.
 :meth:`set_temperature` sets ``T``. The soft function holds one sigmoid per threshold for every
 element, so its cost grows with ``2^b``. At 6-8 bits (the first and last layers) it sums only the
 sigmoids of a window of thresholds around each element, to within a proven bound of the full sum;
-at 4-5 bits, once annealing has saturated every sigmoid outside such a window, the window's sum,
-which is then the clamped full sum itself (:meth:`soft`). The learned
-thresholds are not tied to the output levels, so a level may sit outside its own decision
+at 4-5 bits (and at 1-2 bits compiled), once annealing has saturated every sigmoid outside such
+a window, the window's sum, which is then the clamped full sum itself (:meth:`soft_sum`). The
+learned thresholds are not tied to the output levels, so a level may sit outside its own decision
 interval: QN is not a projection (:attr:`projection`), and the thresholds are left as learned
 rather than forced between the levels.
 
