@@ -375,9 +375,9 @@ def graph_room(compile: bool):
     makes 4 (three window sizes, then frozen batch norms); a short last batch doubles that, and
     progressive bit-widths multiply it again.
     """
-    limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS)
     if not compile:
         return contextlib.nullcontext()
+    limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS)
     return torch._dynamo.config.patch(recompile_limit=limit)
 
 

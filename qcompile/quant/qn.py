@@ -94,9 +94,9 @@ NEAREST_STEPS = 14
 the others are saturated (:func:`~qcompile.quant.sigmoid_window.nearest_sum`): at 4 bits, with
 thresholds a step apart, 2 of the 15 from ``T`` of 30 on and the nearest alone from 60 on (the
 default annealing of 12 epochs passes 30 in its third epoch and 60 in its fifth; a compiled 4-bit
-activation quantizer on 64x16x28x28, forward and backward: 5.6 ms with 2, 3.9 with 1). At 3 bits a window of 2 of the 7
-gained 10% compiled (4.5 -> 4.1 ms) and lost 20% eager (24 -> 30 ms), so 7 thresholds are summed
-in full."""
+activation quantizer on 64x16x28x28, forward and backward: 5.7 ms with 2, 3.1 with 1). At 3 bits
+a window of 2 of the 7 gained 10% compiled (4.5 -> 4.1 ms) and lost 20% eager (24 -> 30 ms), so
+7 thresholds are summed in full."""
 WINDOWED_STEPS = 32
 """From this many thresholds (6 bits and up) :meth:`QNQuantizer.soft_sum` tries a window of them.
 With fewer, the gradients of the window's thresholds land in so few places that summing them
@@ -244,17 +244,20 @@ class QNQuantizer(Quantizer):
 
     @torch.no_grad()
     def _choose_window(self, compiled: bool) -> int | None:
+        count = self.biases.shape[-1]
+        # 1-2 bits, compiled: the nearest threshold alone, inside the kept-sigmoid checkpoint (a
+        # compiled 2-bit activation quantizer on 64x16x28x28, forward and backward, 1.9 -> 1.3
+        # ms; without the checkpoint the partitioner keeps the comparisons as bool tensors, whose
+        # stores made it 9 ms). Eager, its gather costs what the 3 sigmoids do (12.4-12.6
+        # against 12.7-13.8 ms). 3 bits: never.
+        nearest_only = count < NEAREST_STEPS
+        if nearest_only and not (compiled and count <= KEPT_SIGMOIDS):
+            return None
         ordered = self.biases.detach().sort(dim=-1).values
-        count = ordered.shape[-1]
         temperature = float(self.temperature)
         saturated = saturated_width(ordered, temperature)
-        if count < NEAREST_STEPS:
-            # 1-2 bits, compiled: the nearest threshold alone, inside the kept-sigmoid
-            # checkpoint (a compiled 2-bit activation quantizer on 64x16x28x28, forward and
-            # backward, 1.9 -> 1.3 ms; without the checkpoint the partitioner keeps the
-            # comparisons as bool tensors, whose stores made it 9 ms). Eager, its gather costs
-            # what the 3 sigmoids do (12.4-12.6 against 12.7-13.8 ms). 3 bits: never.
-            return 1 if compiled and count <= KEPT_SIGMOIDS and saturated == 1 else None
+        if nearest_only:
+            return 1 if saturated == 1 else None
         if count < WINDOWED_STEPS or saturated == 1:
             return saturated
         half_width = choose_half_width(ordered, temperature)

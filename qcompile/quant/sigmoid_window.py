@@ -145,18 +145,18 @@ def saturated_width(sorted_biases: torch.Tensor, temperature: float) -> int | No
     it) when it exceeds :data:`SATURATION`, else None.
 
     For the few thresholds of 1-5 bits (:func:`nearest_sum`; the window of 2 from 4 thresholds
-    on). A threshold outside the window of
-    ``2 W`` around an element is at least a span of ``W`` consecutive gaps away from it (the
-    argument in the module docstring), and one other than the nearest is at least half a gap
-    away, so past these temperatures every left-out term is clamped: it adds exactly 1 (below;
-    ``sigmoid(30)`` is 1 in float32) or ``exp(-30)`` (above), and its gradient is exactly zero,
-    in the full sum as well. Wider windows (4 thresholds saturate at half the temperature of 2)
-    are not offered: each window size is one more graph for ``torch.compile`` to build, and on
-    the MNIST benchmark's QN W4A4 run the window of 4 served one epoch for ~23 s of compilation
-    (74 s in all with the window of 2 alone, 97 s with both; the same step time). Nor are windows of more than a
-    quarter of the thresholds: picking a window's thresholds costs a select per threshold and
-    element, which a half-full window does not earn back (a 2-bit quantizer's 3 sigmoids against
-    a window of 2 measured 2.4 -> 2.7 ms, compiled).
+    on). A threshold outside the window of ``2 W`` around an element is at least a span of ``W``
+    consecutive gaps away from it (the argument in the module docstring), and one other than the
+    nearest is at least half a gap away, so past these temperatures every left-out term is
+    clamped: it adds exactly 1 (below; ``sigmoid(30)`` is 1 in float32) or ``exp(-30)`` (above),
+    and its gradient is exactly zero, in the full sum as well. Wider windows (4 thresholds
+    saturate at half the temperature of 2) are not offered: each window size is one more graph
+    for ``torch.compile`` to build, and on the MNIST benchmark's QN W4A4 run the window of 4
+    served one epoch for ~23 s of compilation (74 s in all with the window of 2 alone, 97 s with
+    both; the same step time). Nor are windows of more than a quarter of the thresholds: picking
+    a window's thresholds costs a select per threshold and element, which a half-full window does
+    not earn back (a 2-bit quantizer's 3 sigmoids against a window of 2 measured 2.4 -> 2.7 ms,
+    compiled).
     """
     count = sorted_biases.shape[-1]
     if count < 2:
