@@ -38,6 +38,55 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return RoundSTE.apply(x)
 
 
+def step_mask(x: torch.Tensor, at_zero: float) -> torch.Tensor:
+    """``1.0`` where ``x > 0``, ``0.0`` where ``x < 0`` and ``at_zero`` (0 or 1) at zero: a
+    comparison as float arithmetic, for gradient masks of compiled backward passes.
+
+    Left to itself, torch.compile's partitioner moves a backward pass's comparisons of a saved
+    input into the forward pass and saves their ``bool`` results, the smallest tensors to keep, and
+    inductor's CPU code writes and reads ``bool`` tensors element by element (a mask over
+    64x16x28x28: 3.3 ms against 0.13 for the same values as float). A quantizer whose gradient
+    needs nothing but masks, such as DoReFa's fixed clip or PACT's, ran 5-13 times slower than one
+    that keeps its input anyway (a compiled 4-bit activation quantizer on that tensor, forward and
+    backward: PACT 6-11 ms, DoReFa 4-7, LSQ 0.6-0.9). A mask computed from ``torch.sign`` leaves
+    nothing smaller than the input to save, and compiles to vector code (``torch.heaviside``, the
+    obvious spelling, compiles to a scalar NaN test per element and took 1.7 ms). In eager mode,
+    where each of its operations is a pass over the tensor, a ``bool`` mask is the faster form
+    (PACT's quantizer as above: 4-5 ms with ``torch.where`` on masks, 9-10 with these), and
+    :class:`ClampThrough` and PACT's clip use masks there.
+    """
+    if at_zero == 1.0:
+        return 1 - torch.relu(-torch.sign(x))
+    return torch.relu(torch.sign(x))
+
+
+class ClampThrough(torch.autograd.Function):
+    """``clamp(x, low, high)`` with the gradient ``torch.clamp`` has (passed where ``low < x <
+    high``, zero elsewhere, on the bounds too), its mask made of :func:`step_mask` so that a
+    compiled graph saves ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.bounds = (low, high)
+        return torch.clamp(x, low, high)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        low, high = ctx.bounds
+        inside = step_mask(x - low, 0.0) * step_mask(high - x, 0.0)
+        return grad * inside, None, None
+
+
+def clamp_through(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``torch.clamp(x, low, high)`` for numbers ``low <= high``, gradient and all: torch's own in
+    eager mode, :class:`ClampThrough` under ``torch.compile``."""
+    if not torch.compiler.is_compiling():
+        return torch.clamp(x, low, high)
+    return ClampThrough.apply(x, low, high)
+
+
 class ReplaceGradient(torch.autograd.Function):
     """Forward returns ``value`` exactly; backward sends the gradient to ``surrogate`` instead.
 

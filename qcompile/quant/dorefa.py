@@ -36,6 +36,7 @@ from qcompile.errors import ConfigError
 from qcompile.quant.base import (
     IntegerSpec,
     Quantizer,
+    clamp_through,
     replace_gradient,
     round_ste,
     threshold_index,
@@ -108,7 +109,7 @@ class DoReFaWeightQuantizer(Quantizer):
         scale, zero_point = self._affine(x.dtype)
         codes = (index - 2 ** (self.bits - 1)).to(x.dtype)
         value = (codes - zero_point) * scale.reshape(shape)
-        unit = torch.clamp(torch.tanh(x) / (2 * m.reshape(shape)) + 0.5, 0, 1)
+        unit = clamp_through(torch.tanh(x) / (2 * m.reshape(shape)) + 0.5, 0, 1)
         return replace_gradient(value, (2 * unit - 1) * self._magnitude().reshape(shape).to(x.dtype))
 
     def integer_spec(self) -> IntegerSpec:
@@ -180,7 +181,7 @@ class DoReFaActivationQuantizer(Quantizer):
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         step = self.step().to(x.dtype)
-        return round_ste(torch.clamp(x / step, 0, self.levels)) * step
+        return round_ste(clamp_through(x / step, 0, self.levels)) * step
 
     def integer_spec(self) -> IntegerSpec:
         return IntegerSpec(self.bits, torch.arange(0, self.levels + 1), self.step().clone(),

@@ -26,7 +26,7 @@ Weights: PACT quantizes weights with DoReFa's scheme (Sec. 3), so its weight qua
 import torch
 
 from qcompile.errors import ConfigError
-from qcompile.quant.base import IntegerSpec, Quantizer, replace_gradient
+from qcompile.quant.base import IntegerSpec, Quantizer, replace_gradient, step_mask
 from qcompile.quant.dorefa import DoReFaWeightQuantizer
 from qcompile.quant.fit import ACTIVATION_PEAK, best_steps
 from qcompile.quant.registry import register_method
@@ -53,14 +53,22 @@ class Clip(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, alpha = ctx.saved_tensors
-        zero = torch.zeros_like(grad)
-        over = x >= alpha
-        under = x <= -alpha if ctx.signed else x <= 0
-        grad_x = torch.where(over | under, zero, grad)
-        grad_alpha = torch.where(over, grad, zero)
+        low = -alpha if ctx.signed else torch.zeros_like(alpha)
+        if not torch.compiler.is_compiling():
+            zero = torch.zeros_like(grad)
+            over, under = x >= alpha, x <= low
+            grad_alpha = torch.where(over, grad, zero)
+            if ctx.signed:
+                grad_alpha = grad_alpha - torch.where(under, grad, zero)
+            return (torch.where(over | under, zero, grad), grad_alpha.sum_to_size(alpha.shape),
+                    None)
+        # Compiled, the masks are float steps (step_mask): as bool tensors, the graph saved them
+        # instead of x, and a 4-bit quantizer on 64x16x28x28 took 6-11 ms instead of 0.5.
+        inside = step_mask(alpha - x, 0.0) * step_mask(x - low, 0.0)
+        grad_alpha = grad * step_mask(x - alpha, 1.0)
         if ctx.signed:
-            grad_alpha = grad_alpha - torch.where(under, grad, zero)
-        return grad_x, grad_alpha.sum_to_size(alpha.shape), None
+            grad_alpha = grad_alpha - grad * step_mask(low - x, 1.0)
+        return grad * inside, grad_alpha.sum_to_size(alpha.shape), None
 
 
 class PACTActivationQuantizer(Quantizer):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch._inductor.utils import run_and_get_code
 
 from qcompile.errors import ConfigError
 from qcompile.quant import available_methods, make_quantizer
@@ -260,3 +261,35 @@ def test_activation_gradient_is_straight_through_inside_the_range(method, bits):
     inside = (codes > spec.codes.min()) & (codes < spec.codes.max())
     assert int(inside.sum()) > 1000
     torch.testing.assert_close(x.grad[inside], torch.ones(int(inside.sum())))
+
+
+def _activation_cases():
+    for method in available_methods():
+        for signed in (False, True):
+            if _accepts(method, "activation", 4, signed, False):
+                yield pytest.param(method, signed, id=f"{method}-{'signed' if signed else 'unsigned'}")
+
+
+@pytest.mark.parametrize("method, signed", list(_activation_cases()))
+def test_compiled_activation_quantizer_passes_no_bool_tensors(method, signed):
+    """Compiled, no kernel of an activation quantizer's forward or backward pass writes or reads a
+    ``bool`` tensor: inductor's CPU code moves those element by element, and a mask saved for the
+    backward pass that way made PACT's and DoReFa's quantizers 5-13 times slower
+    (:func:`qcompile.quant.base.step_mask`)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    q = make_quantizer(method, "activation", 4, signed=signed)
+    x = torch.randn(2, 8, 16, 16, generator=gen) * 3
+    q.initialize(x if signed else x.relu())
+    q.train()
+    compiled = torch.compile(q, dynamic=False, fullgraph=True)
+
+    def step():
+        xs = x.clone().requires_grad_()
+        (compiled(xs) * torch.linspace(-1, 1, x.numel()).reshape(x.shape)).sum().backward()
+        return xs.grad
+
+    grad, codes = run_and_get_code(step)
+    assert len(codes) == 2 and grad.abs().sum() > 0
+    for code in codes:
+        assert "bool*" not in code
