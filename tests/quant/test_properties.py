@@ -3,7 +3,8 @@
 For each method in :func:`qcompile.quant.available_methods`, each role, bits 1-8, per tensor and
 per output channel (weights): in hard mode the output takes at most ``2^b`` values per channel, is
 monotone in the input, is idempotent (for projections), and equals its integer meaning bit for bit;
-in training mode gradients reach every learnable parameter and the input. Each method must support
+in training mode gradients reach every learnable parameter and the input, and compiled, an
+activation quantizer passes no ``bool`` tensor between kernels. Each method must support
 signed weights and unsigned activations; the other signedness is tested wherever the method accepts
 it (it may refuse with a ConfigError).
 
