@@ -48,7 +48,7 @@ def step_mask(x: torch.Tensor, at_zero: float) -> torch.Tensor:
     64x16x28x28: 3.3 ms against 0.13 for the same values as float). A quantizer whose gradient
     needs nothing but masks, such as DoReFa's fixed clip or PACT's, ran 5-13 times slower than one
     that keeps its input anyway (a compiled 4-bit activation quantizer on that tensor, forward and
-    backward: PACT 6-11 ms, DoReFa 4-7, LSQ 0.6-0.9). A mask computed from ``torch.sign`` leaves
+    backward: PACT 6-11 ms, DoReFa 4-7, LSQ 0.5-0.9). A mask computed from ``torch.sign`` leaves
     nothing smaller than the input to save, and compiles to vector code (``torch.heaviside``, the
     obvious spelling, compiles to a scalar NaN test per element and took 1.7 ms). In eager mode,
     where each of its operations is a pass over the tensor, a ``bool`` mask is the faster form

@@ -63,7 +63,7 @@ class Clip(torch.autograd.Function):
             return (torch.where(over | under, zero, grad), grad_alpha.sum_to_size(alpha.shape),
                     None)
         # Compiled, the masks are float steps (step_mask): as bool tensors, the graph saved them
-        # instead of x, and a 4-bit quantizer on 64x16x28x28 took 6-11 ms instead of 0.5.
+        # instead of x, and a 4-bit quantizer on 64x16x28x28 took 6-11 ms instead of 0.5-0.8.
         inside = step_mask(alpha - x, 0.0) * step_mask(x - low, 0.0)
         grad_alpha = grad * step_mask(x - alpha, 1.0)
         if ctx.signed:
