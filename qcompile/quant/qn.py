@@ -79,6 +79,7 @@ from qcompile.quant.fit import best_steps
 from qcompile.quant.registry import register_method
 from qcompile.quant.sigmoid_window import (
     choose_half_width,
+    nearest_staircase,
     nearest_sum,
     saturated_width,
     sigmoid_term,
@@ -182,8 +183,12 @@ class QNQuantizer(Quantizer):
         inductor also stores them to read them back for one of its sums in a second pass: a
         compiled 2-bit activation quantizer on 64x16x28x28, forward and backward, 2.5 -> 1.9 ms
         (the backward alone 1.9 -> 0.9). The values and gradients are the same expressions.
+        Once the nearest threshold alone is summed (:attr:`soft_window` 1),
+        :func:`~qcompile.quant.sigmoid_window.nearest_staircase` keeps what its backward pass
+        needs itself.
         """
-        if self.biases.shape[-1] <= KEPT_SIGMOIDS and torch.compiler.is_compiling():
+        kept = self.biases.shape[-1] <= KEPT_SIGMOIDS and self.soft_window != 1
+        if kept and torch.compiler.is_compiling():
             return checkpoint(self.soft_sum, x, alpha, beta, use_reentrant=False,
                               context_fn=keep_sigmoids)
         return self.soft_sum(x, alpha, beta)
@@ -218,6 +223,10 @@ class QNQuantizer(Quantizer):
         if width is not None:
             ordered = self.biases.sort(dim=-1).values
             axis = self.channel_axis if self.per_channel else None
+            if width == 1 and count < WINDOWED_STEPS and torch.compiler.is_compiling():
+                # alpha goes in too: its gradient then reads the output, not the sigmoid
+                return nearest_staircase(scaled, ordered, self.temperature, alpha.reshape(shape),
+                                         self.lowest, axis)
             window = window_sum if count >= WINDOWED_STEPS else nearest_sum
             total = window(scaled, ordered, self.temperature, width, axis)
             return alpha.reshape(shape) * (total + self.lowest)
@@ -245,11 +254,10 @@ class QNQuantizer(Quantizer):
     @torch.no_grad()
     def _choose_window(self, compiled: bool) -> int | None:
         count = self.biases.shape[-1]
-        # 1-2 bits, compiled: the nearest threshold alone, inside the kept-sigmoid checkpoint (a
-        # compiled 2-bit activation quantizer on 64x16x28x28, forward and backward, 1.9 -> 1.3
-        # ms; without the checkpoint the partitioner keeps the comparisons as bool tensors, whose
-        # stores made it 9 ms). Eager, its gather costs what the 3 sigmoids do (12.4-12.6
-        # against 12.7-13.8 ms). 3 bits: never.
+        # 1-2 bits, compiled: the nearest threshold alone (a compiled 2-bit activation quantizer
+        # on 64x16x28x28, forward and backward, 1.9 -> 1.3 ms inside the kept-sigmoid
+        # checkpoint, 1.36 -> 1.09 by nearest_staircase). Eager, its gather costs what the 3
+        # sigmoids do (12.4-12.6 against 12.7-13.8 ms). 3 bits: never.
         nearest_only = count < NEAREST_STEPS
         if nearest_only and not (compiled and count <= KEPT_SIGMOIDS):
             return None

@@ -35,9 +35,16 @@ operator of our own so ``torch.compile`` calls it as it is. That order is fixed 
 GPU ``bincount`` adds atomically, as most of torch's GPU reductions into shared places do.
 """
 
+import functools
 import math
 
 import torch
+
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from qcompile.quant.base import threshold_index
 
@@ -208,11 +215,15 @@ def nearest_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: 
 
 def selected_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature: torch.Tensor,
                  width: int, axis: int | None) -> torch.Tensor:
-    """:func:`nearest_sum`'s compiled form: the window's thresholds picked by selects."""
+    """:func:`nearest_sum`'s compiled form: the window's thresholds picked by selects (the
+    nearest threshold alone by :func:`nearest_staircase`)."""
     channels, count = sorted_biases.shape
     shape = [1] * scaled.dim()
     if channels > 1:
         shape[axis % scaled.dim()] = channels
+    if width == 1:
+        one = torch.ones(shape, dtype=scaled.dtype, device=scaled.device)
+        return nearest_staircase(scaled, sorted_biases, temperature, one, 0, axis)
     columns = [sorted_biases[:, i].reshape(shape) for i in range(count)]
     # The window's start in int32: with int64 arithmetic on it inductor's CPU code for this
     # function took 45-51 ms instead of 5.
@@ -225,3 +236,92 @@ def selected_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature:
             threshold = pick if threshold is None else threshold + pick
         total = total + sigmoid_term(temperature * (scaled - threshold))
     return total
+
+
+def nearest_staircase(scaled: torch.Tensor, sorted_biases: torch.Tensor,
+                      temperature: torch.Tensor, scale: torch.Tensor, offset: int,
+                      axis: int | None) -> torch.Tensor:
+    """``scale * (offset + sum_i sigmoid_term(T * (scaled - b_i)))`` once every sigmoid but the
+    nearest threshold's is saturated (:func:`saturated_width` is 1): a QN quantizer's whole soft
+    function when its ``scale`` is ``alpha`` and ``offset`` is ``v_0``, evaluated by
+    :class:`NearestSigmoid` with the gradients of ``scaled``, ``scale`` and the thresholds written
+    out. ``sorted_biases`` is (C, n) as in :func:`window_sum`; ``scale`` broadcasts against
+    ``scaled`` and is positive (the scale's gradient divides by it); ``T`` gets no gradient (the
+    quantizers hold it as a buffer).
+
+    For torch.compile: differentiated by autograd, the same function made the compiled backward
+    pass evaluate each sigmoid again and pick each element's threshold again (torch.compile's
+    partitioner keeps the sigmoid's argument rather than its slope, since the scale's gradient
+    needs the sigmoid too): a compiled 4-bit activation quantizer on 64x16x28x28, forward and
+    backward, 5.0-6.1 -> 3.8 ms, the backward alone 2.6-3.3 -> 1.4 ms.
+    """
+    channels, count = sorted_biases.shape
+    shape = [1] * scaled.dim()
+    if channels > 1:
+        shape[axis % scaled.dim()] = channels
+    columns = [sorted_biases[:, i].reshape(shape) for i in range(count)]
+    arguments = (scaled, temperature.detach(), scale, float(offset),
+                 axis if channels > 1 else None, *columns)
+    if not torch.compiler.is_compiling():
+        return NearestSigmoid.apply(*arguments)
+    return checkpoint(NearestSigmoid.apply, *arguments, use_reentrant=False,
+                      context_fn=save_everything)
+
+
+class NearestSigmoid(torch.autograd.Function):
+    """:func:`nearest_staircase`: ``scale * (offset + k + sigmoid_term(T * (scaled - b_k)))``
+    for the nearest threshold ``b_k`` of each element, ``k`` counting the midpoints between
+    adjacent sorted thresholds that it reaches.
+
+    The forward pass keeps ``k``, the sigmoid's slope ``T * s * (1 - s)`` (zero where the clamp
+    of :func:`sigmoid_term` holds, as the clamp's gradient is) and the output (which the next
+    layer's backward pass keeps anyway) for the backward pass, which is then a multiplication
+    and the masked sums of the scale and the thresholds, one pass with no exponential.
+
+    Arguments: ``scaled``, ``T``, ``scale``, ``offset`` (a number), the channel axis (None per
+    tensor) and the sorted thresholds as columns, each shaped to broadcast against ``scaled``.
+    """
+
+    @staticmethod
+    def forward(ctx, scaled, temperature, scale, offset, axis, *columns):
+        lower = torch.zeros_like(scaled)
+        nearest = columns[0].expand(scaled.shape)
+        for below, above in zip(columns[:-1], columns[1:]):
+            reached = scaled >= (below + above) / 2
+            lower = lower + torch.where(reached, 1.0, 0.0)
+            nearest = torch.where(reached, above, nearest)
+        argument = temperature * (scaled - nearest)
+        sigmoid = sigmoid_term(argument)
+        slope = torch.where(argument.abs() < SATURATION,
+                            temperature * sigmoid * (1.0 - sigmoid), 0.0)
+        out = scale * (lower + sigmoid + offset)
+        ctx.save_for_backward(lower, slope, scale, out)
+        ctx.axis, ctx.count = axis, len(columns)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lower, slope, scale, out = ctx.saved_tensors
+        dims = list(range(grad.dim()))
+        if ctx.axis is not None:
+            dims.remove(ctx.axis % grad.dim())
+        grad_scale = None
+        if ctx.needs_input_grad[2]:
+            grad_scale = (grad * out).sum(dim=dims, keepdim=True) / scale
+        grad_scaled = grad * scale * slope
+        if ctx.count > lower.element_size():
+            picks = [torch.where(lower == k, grad_scaled, 0.0) for k in range(ctx.count)]
+        else:
+            picks = [grad_scaled * (1.0 - (lower - k).abs()).clamp_min(0.0)
+                     for k in range(ctx.count)]
+        grad_columns = [-pick.sum(dim=dims, keepdim=True) for pick in picks]
+        return grad_scaled, None, grad_scale, None, None, *grad_columns
+
+
+def _must_save(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE
+
+
+save_everything = functools.partial(create_selective_checkpoint_contexts, _must_save)
+"""A selective-checkpoint context that forbids torch.compile's partitioner to recompute anything
+in it: a backward pass then reads what the forward saved for it."""

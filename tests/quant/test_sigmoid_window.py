@@ -14,6 +14,7 @@ from qcompile.quant.sigmoid_window import (
     sigmoid_term,
     HALF_WIDTHS,
     choose_half_width,
+    nearest_staircase,
     saturated_width,
     selected_sum,
     truncation_bound,
@@ -273,6 +274,43 @@ def test_a_saturated_window_is_the_clamped_full_sum(seed, channels, count, jitte
     torch.testing.assert_close(grad_b, full_b, rtol=1e-12, atol=1e-10)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), channels=st.sampled_from([1, 3]),
+       count=st.sampled_from([2, 3, 14, 15, 31]), jitter=st.floats(0.0, 0.45),
+       temperature=st.floats(130.0, 400.0), offset=st.integers(-15, 0))
+def test_nearest_staircase_has_the_scaled_clamped_sums_gradients(seed, channels, count, jitter,
+                                                                 temperature, offset):
+    """:func:`nearest_staircase` (the hand-written backward pass) against autograd through
+    ``scale * (offset + clamped full sum)``: the value to the left-out ``exp(-30)`` tails, the
+    gradients of the input, the per-channel scale and every threshold to float64 rounding; for
+    the counts of 1-2 bits (masks by arithmetic) and 4-5 bits (masks by comparison)."""
+    biases = random_thresholds(seed, channels, count, jitter)
+    assume(saturates(biases, temperature, 1))
+    gen = torch.Generator().manual_seed(seed + 1)
+    scaled = (torch.rand(4, channels, 40, generator=gen, dtype=torch.float64) * (count + 4)
+              - count / 2 - 2).requires_grad_(True)
+    scale = (torch.rand(1, channels, 1, generator=gen, dtype=torch.float64) + 0.1)
+    weights = torch.randn(scaled.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor(temperature, dtype=torch.float64)
+    results = []
+    for form in ("hand-written", "autograd"):
+        inputs = [scaled.detach().clone().requires_grad_(True),
+                  scale.detach().clone().requires_grad_(True),
+                  biases.detach().clone().requires_grad_(True)]
+        x, s, b = inputs
+        if form == "autograd":
+            y = s * (offset + clamped_full_sum(x, b, t, 1))
+        else:
+            y = nearest_staircase(x, b, t, s, offset, 1)
+        (y * weights).sum().backward()
+        results.append([y.detach()] + [i.grad for i in inputs])
+    (y, grad_x, grad_s, grad_b), (want, want_x, want_s, want_b) = results
+    assert float((y - want).abs().max()) <= count * 1e-12
+    torch.testing.assert_close(grad_x, want_x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_s, want_s, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_b, want_b, rtol=1e-12, atol=1e-10)
+
+
 @pytest.mark.parametrize("form", [selected_sum, window_sum])
 def test_a_window_too_narrow_for_the_temperature_shows(form):
     """The same comparison fails where a sigmoid left out of the window is not saturated."""
@@ -317,7 +355,8 @@ def test_compiled_quantizer_sums_the_window_and_matches_the_full_sum(
     agrees with eager's full sum in value and in the gradients of its input and every parameter;
     its threshold gradients come out the same on every call (a fixed-order reduction, no atomic
     scatter). The forward's code evaluates ``width`` sigmoids per element (each a vectorized
-    ``exp``), not one per threshold."""
+    ``exp``), not one per threshold; with the nearest threshold alone the backward's code
+    evaluates none (it reads the slope the forward kept); no kernel passes a ``bool`` tensor."""
     torch._dynamo.reset()  # the suite's other compiled quantizers count against the limit of 8
     torch.manual_seed(0)
     kind = "weight" if per_channel else "activation"
@@ -338,9 +377,12 @@ def test_compiled_quantizer_sums_the_window_and_matches_the_full_sum(
         return [y.detach(), xg.grad] + [p.grad.clone() for p in q.parameters()]
 
     compiled = torch.compile(q, dynamic=False, fullgraph=True)
-    first, (forward_code, _) = run_and_get_code(run, compiled)
+    first, (forward_code, backward_code) = run_and_get_code(run, compiled)
     second = run(compiled)
     assert forward_code.count(".neg().exp()") == width
+    assert "bool*" not in forward_code and "bool*" not in backward_code
+    if width == 1:
+        assert ".neg().exp()" not in backward_code  # it reads the forward's slope
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     q.window_width = lambda: None
     full = run(q)
