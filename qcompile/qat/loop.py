@@ -170,7 +170,7 @@ class Run(Session):
             self.gated = attach_gates(self.model, self.world.device)
         self.forward_model = self.world.wrap(self.model)
         if self.config.compile:
-            self.forward_model = compiled(self.forward_model)
+            self.forward_model = compiled(self.forward_model, self.world.device)
         if self.distillation is not None and hasattr(self.distillation, "attach"):
             self.distillation.attach(self.model)
 
@@ -343,7 +343,7 @@ class Run(Session):
         raise TrainingInterrupted(message, checkpoint=saved) from None
 
 
-def compiled(module: nn.Module) -> nn.Module:
+def compiled(module: nn.Module, device: torch.device) -> nn.Module:
     """``module``'s training forward compiled by ``torch.compile`` (inductor), with static shapes.
 
     The wrapper only calls ``module``, whose state (parameters, buffers, flags the schedules set)
@@ -354,8 +354,20 @@ def compiled(module: nn.Module) -> nn.Module:
     quantizer switched off, hard mode, frozen batch norm, new quantizers) recompile as guards
     fail (:func:`graph_room`). Schedules that switch quantizers every step (stochastic precision)
     get gates instead (:func:`attach_gates`): the switches are tensors the one graph reads.
+
+    On the CPU the backward graph gets inductor's layout optimization as the forward graph does
+    (``force_layout_optimization``; on the CPU inductor gives it to every graph with a
+    convolution, and the backward graph holds only ``convolution_backward`` nodes). Without it,
+    inductor orders a convolution's output gradient by the strides of its weight gradient, and
+    the channels-last weight of a one-channel convolution (16x1x3x3: strides 9, 1, 3, 1) ties
+    two of them: the small CNN's first convolution then received a 64x16x28x28 gradient in an
+    order neither channels-last nor contiguous, which ``aten.convolution_backward`` copied on
+    every step (0.2-1.3 ms). A parameter weight keeps contiguous strides, so float models never
+    met it; compiled quantized steps, float and all six methods in one process: 0.5-0.9 ms
+    faster, float the same (``benchmarks/RESULTS.md``). Elsewhere inductor decides as usual.
     """
-    return torch.compile(module, dynamic=False)
+    options = {"force_layout_optimization": True} if device.type == "cpu" else None
+    return torch.compile(module, dynamic=False, options=options)
 
 
 COMPILED_GRAPHS = 64

@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from torch.profiler import profile
 
 import qcompile
 from qcompile.errors import TrainingInterrupted
 from qcompile.fused import ConvBatchNorm
 from qcompile.models import SmallCNN
 from qcompile.qat import StochasticPrecision, train
+from qcompile.qat import loop
 from qcompile.qat.loop import COMPILED_GRAPHS, graph_room
 from qcompile.qat.schedules import Schedule
 from qcompile.qat.state import TrainState
@@ -105,6 +107,42 @@ def gradients(model, x, y, compiled: bool) -> tuple[float, dict[str, torch.Tenso
     loss.backward()
     grads = {name: param.grad.clone() for name, param in model.named_parameters()}
     return float(loss.detach()), grads, {k: v.clone() for k, v in model.named_buffers()}
+
+
+def inside(event, name: str) -> bool:
+    while event is not None:
+        if event.name == name:
+            return True
+        event = event.cpu_parent
+    return False
+
+
+@pytest.mark.parametrize("method", ["lsq", "qn"])
+def test_compiled_convolution_gradients_come_in_a_layout_the_convolution_takes(method):
+    """No compiled quantized training step copies an activation or its gradient inside
+    ``aten.convolution_backward`` (which it does when handed a gradient in an order that is
+    neither contiguous nor channels-last: see :func:`qcompile.qat.loop.compiled`). The first
+    convolution has one input channel, whose channels-last weight strides tie. (The small
+    copies of weight gradients there are the float model's too.)"""
+    torch._dynamo.reset()
+    x, y = train_pair(64)
+    torch.manual_seed(0)
+    model = qcompile.quantize(SmallCNN(1, 10, width=4), (x[:1],), bits=4, method=method,
+                              calib_data=[(x,)]).train()
+    step = loop.compiled(model, torch.device("cpu"))
+
+    def run():
+        model.zero_grad()
+        F.cross_entropy(step(x), y).backward()
+
+    run()
+    with profile(record_shapes=True) as prof:
+        run()
+    backward = [e for e in prof.events() if e.name == "aten::convolution_backward"]
+    copies = [e.input_shapes[0] for e in prof.events()
+              if e.name == "aten::copy_" and inside(e, "aten::convolution_backward")]
+    assert len(backward) == 3
+    assert [shape for shape in copies if shape[0] == len(x)] == []
 
 
 @pytest.mark.slow
