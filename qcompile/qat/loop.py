@@ -367,7 +367,35 @@ def compiled(module: nn.Module, device: torch.device) -> nn.Module:
     faster, float the same (``benchmarks/RESULTS.md``). Elsewhere inductor decides as usual.
     """
     options = {"force_layout_optimization": True} if device.type == "cpu" else None
-    return torch.compile(module, dynamic=False, options=options)
+    graph = torch.compile(module, dynamic=False, options=options)
+    return OneChannelChannelsLast(graph) if device.type == "cpu" else graph
+
+
+class OneChannelChannelsLast(nn.Module):
+    """Calls ``module`` with a one-channel image batch (N, 1, H, W) given channels-last strides
+    (H*W, 1, W, 1): the same memory, a view (:func:`compiled`, on the CPU).
+
+    The strides of a dimension of size 1 mean nothing to torch, which takes a contiguous
+    one-channel batch, strides (H*W, H*W, W, 1), as channels-last already, so inductor's layout
+    optimization hands it to the first convolution as it is. oneDNN's convolution reads the
+    input's strides to choose its memory format, and with those it chose the plain one in the
+    backward pass: it copied the channels-last output gradient (64x16x28x28 on the small CNN)
+    to its own layout and computed the weight gradient there, 3-4x slower. A quantized model
+    never met it, since its first convolution reads the input quantizer's output, which inductor
+    lays out itself; the float model did, on every step: its compiled step was 0.6-1 ms slower
+    than it needs to be on the small CNN (``benchmarks/RESULTS.md``).
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, inputs):
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 4 and inputs.shape[1] == 1 \
+                and inputs.is_contiguous():
+            height, width = inputs.shape[2:]
+            inputs = inputs.as_strided(inputs.shape, (height * width, 1, width, 1))
+        return self.module(inputs)
 
 
 COMPILED_GRAPHS = 64

@@ -117,18 +117,24 @@ def inside(event, name: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("method", ["lsq", "qn"])
+@pytest.mark.parametrize("method", [None, "lsq", "qn"])
 def test_compiled_convolution_gradients_come_in_a_layout_the_convolution_takes(method):
-    """No compiled quantized training step copies an activation or its gradient inside
-    ``aten.convolution_backward`` (which it does when handed a gradient in an order that is
-    neither contiguous nor channels-last: see :func:`qcompile.qat.loop.compiled`). The first
-    convolution has one input channel, whose channels-last weight strides tie. (The small
-    copies of weight gradients there are the float model's too.)"""
+    """No compiled training step, float (None) or quantized, copies an activation or its
+    gradient inside ``aten.convolution_backward``, which it does when handed tensors whose
+    strides make oneDNN choose another memory format than the gradient's: see
+    :func:`qcompile.qat.loop.compiled` (quantized: a gradient in an order that is neither
+    contiguous nor channels-last, as the one-channel first convolution's channels-last weight
+    strides tie) and :class:`qcompile.qat.loop.OneChannelChannelsLast` (float: the one-channel
+    input batch read as contiguous). (The small copies of weight gradients there are the float
+    model's too.)"""
     torch._dynamo.reset()
     x, y = train_pair(64)
     torch.manual_seed(0)
-    model = qcompile.quantize(SmallCNN(1, 10, width=4), (x[:1],), bits=4, method=method,
-                              calib_data=[(x,)]).train()
+    if method is None:
+        model = qcompile.trace(SmallCNN(1, 10, width=4), (x[:1],)).train()
+    else:
+        model = qcompile.quantize(SmallCNN(1, 10, width=4), (x[:1],), bits=4, method=method,
+                                  calib_data=[(x,)]).train()
     step = loop.compiled(model, torch.device("cpu"))
 
     def run():
