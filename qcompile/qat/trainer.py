@@ -88,6 +88,10 @@ freeze_model_input_quantizers` says why); a quantizer the caller froze stays fro
     averages (re-estimating moves a fused conv-BN's weight codes, which follow the running
     variance: measured worse on mnist5k, benchmarks/RESULTS.md).
     """
+    if not isinstance(qmodel, fx.GraphModule):
+        raise ConfigError(f"train takes a graph: the one qcompile.quantize returns, or "
+                          f"qcompile.trace(model, example_inputs) to train the float model; got "
+                          f"a {type(qmodel).__name__}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
     if grad_clip is not None and grad_clip < 0:

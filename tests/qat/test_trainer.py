@@ -190,6 +190,13 @@ def test_loader_draws_nothing_from_the_global_rng():
     assert all(torch.equal(a, b) for a, b in zip(order[3:], skipped)) and len(skipped) == 5
 
 
+def test_a_module_that_is_not_a_graph_is_a_config_error():
+    """A plain module (here the float CNN itself) is refused by name, with the way to trace
+    it, before any training starts."""
+    with pytest.raises(ConfigError, match=r"qcompile.trace\(model, example_inputs\).*SmallCNN"):
+        train(SmallCNN(1, 10, width=4), train_pair(), progress=False)
+
+
 def test_no_trainable_parameters_is_a_config_error():
     qm = quantized_model()
     for param in qm.parameters():
