@@ -137,6 +137,9 @@ class QNQuantizer(Quantizer):
         midpoints = (values[1:] + values[:-1]).float() / 2
         self.biases = nn.Parameter(midpoints.repeat(self.channels, 1))
         self.soft_window: int | None = None
+        # Where each sorted threshold sits in its row of biases, as refresh_window found it.
+        self.register_buffer("order", torch.arange(len(midpoints)).repeat(self.channels, 1),
+                             persistent=False)
 
     def set_temperature(self, temperature: float) -> "QNQuantizer":
         """Set the sigmoids' temperature ``T``; the paper raises it during training."""
@@ -221,7 +224,7 @@ class QNQuantizer(Quantizer):
         count = biases.shape[-1]
         width = self.window_width()
         if width is not None:
-            ordered = self.biases.sort(dim=-1).values
+            ordered = self.sorted_biases()
             axis = self.channel_axis if self.per_channel else None
             if width == 1 and count < WINDOWED_STEPS and torch.compiler.is_compiling():
                 # alpha goes in too: its gradient then reads the output, not the sigmoid
@@ -241,6 +244,21 @@ class QNQuantizer(Quantizer):
             steps = sigmoid_term(self.temperature * (scaled.unsqueeze(-1) - biases))
             total = (steps * self.step_heights()).sum(dim=-1)
         return alpha.reshape(shape) * (total + self.lowest)
+
+    def sorted_biases(self) -> torch.Tensor:
+        """The rows of ``biases`` sorted; under ``torch.compile`` a per-tensor row is gathered in
+        the order :meth:`refresh_window` found (the thresholds get the gradients of their sorted
+        places).
+
+        An ``aten.sort`` in the compiled graph is a call inductor makes between its own kernels,
+        and it kept the batch norm before an activation quantizer from fusing with the
+        quantizer: the batch norm's kernel stored ``beta * x`` for the quantizer's to read back.
+        Gathered, the two are one kernel (the small CNN's compiled QN W4A4 step: see
+        ``benchmarks/RESULTS.md``). Per-channel rows (weights, small tensors) stay sorted in the
+        graph: gathered per channel, inductor stored a ``bool`` mask element by element."""
+        if torch.compiler.is_compiling() and self.biases.shape[0] == 1:
+            return self.biases.gather(-1, self.order)
+        return self.biases.sort(dim=-1).values
 
     def window_width(self) -> int | None:
         """How many thresholds around each element this call sums (None: all of them): chosen
@@ -276,8 +294,11 @@ class QNQuantizer(Quantizer):
         temperature, as eager mode does on every call (and at 1-2 bits the nearest threshold,
         which only the compiled form sums alone); the training loop calls this before each
         compiled step. The choice is a function of the parameters and ``T`` alone, so a resumed
-        run chooses what the uninterrupted one did."""
+        run chooses what the uninterrupted one did. It also records the thresholds' order for
+        :meth:`sorted_biases`."""
         self.soft_window = self._choose_window(compiled=True)
+        with torch.no_grad():
+            self.order.copy_(self.biases.argsort(dim=-1, stable=True))
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         alpha, beta = self.scales()

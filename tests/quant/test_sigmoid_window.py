@@ -348,21 +348,29 @@ def test_crowded_thresholds_wait_for_a_higher_temperature_or_get_no_window():
 
 @pytest.mark.parametrize("bits, temperature, width", [(4, 45.0, 2), (4, 90.0, 1), (2, 90.0, 1)])
 @pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("shuffled", [False, True])
 def test_compiled_quantizer_sums_the_window_and_matches_the_full_sum(
-        per_channel, bits, temperature, width):
+        per_channel, bits, temperature, width, shuffled):
     """A compiled 4-bit QN quantizer, once annealed past saturation, traces :func:`selected_sum`
     over the window of 2, then the nearest threshold (a 2-bit one: the nearest threshold), and
     agrees with eager's full sum in value and in the gradients of its input and every parameter;
     its threshold gradients come out the same on every call (a fixed-order reduction, no atomic
     scatter). The forward's code evaluates ``width`` sigmoids per element (each a vectorized
     ``exp``), not one per threshold; with the nearest threshold alone the backward's code
-    evaluates none (it reads the slope the forward kept); no kernel passes a ``bool`` tensor."""
+    evaluates none (it reads the slope the forward kept); no kernel passes a ``bool`` tensor,
+    and per tensor no sort runs in the graph (``sorted_biases``). ``shuffled``: the thresholds stored out
+    of order (each row permuted), which the gradients must follow back to their places."""
     torch._dynamo.reset()  # the suite's other compiled quantizers count against the limit of 8
     torch.manual_seed(0)
     kind = "weight" if per_channel else "activation"
     q = make_quantizer("qn", kind, bits, signed=per_channel, per_channel=per_channel, channels=8)
     x = torch.randn(8, 16, 6, 6) * 3
     q.initialize(x)
+    if shuffled:
+        with torch.no_grad():
+            rows = q.biases.shape[0]
+            q.biases.copy_(q.biases.gather(-1, torch.rand(q.biases.shape).argsort(dim=-1)))
+        assert rows and not torch.equal(q.biases, q.biases.sort(dim=-1).values)
     q.train()
     q.set_temperature(temperature)
     q.refresh_window()
@@ -381,6 +389,8 @@ def test_compiled_quantizer_sums_the_window_and_matches_the_full_sum(
     second = run(compiled)
     assert forward_code.count(".neg().exp()") == width
     assert "bool*" not in forward_code and "bool*" not in backward_code
+    if width == 1 and not per_channel:
+        assert "aten.sort" not in forward_code
     if width == 1:
         assert ".neg().exp()" not in backward_code  # it reads the forward's slope
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
