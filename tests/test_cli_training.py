@@ -76,6 +76,7 @@ def test_sigint_mid_epoch_then_resume_finishes(tmp_path):
     assert process.returncode == 130, err
     message = [line for line in err.replace("\r", "\n").splitlines() if "qcompile: error" in line]
     assert len(message) == 1 and "--resume" in message[0]
+    assert err.count("training interrupted at") == 1, err  # said once, as the error line
     assert "Traceback" not in err
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert checkpoint is not None

@@ -338,7 +338,7 @@ class Run(Session):
                        "again with resume=True (CLI: --resume) to continue from it")
         else:
             message = f"{where}, {unsaved}, before any checkpoint; progress was not saved"
-        log.warning(message)
+        log.info(message)  # the exception carries it; the CLI prints it as its one error line
         saved = str(path) if path is not None and path.is_file() else None
         raise TrainingInterrupted(message, checkpoint=saved) from None
 
