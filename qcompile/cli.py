@@ -71,6 +71,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
 
+TORCH_NOTICES = {
+    "torch._higher_order_ops.wrap": "context_fn is passed to torch.utils.checkpoint",
+    "torch.utils.cpp_extension": "No CUDA runtime is found",
+}
+"""Warnings torch logs during a compiled training run that ask nothing of the user, by logger:
+that a selective checkpoint under ``torch.compile`` must hold no in-place operation (QN's
+compiled quantizers use two, which hold none), and that a CUDA build of torch found no CUDA
+runtime when inductor built its CPU kernels. Dropped unless ``--verbose``."""
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _quiet_torch_notices() -> None:
+    for name, text in TORCH_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropNotice(text))
+
+
 def _fail(message: str, code: int) -> int:
     if _traceback_requested():
         traceback.print_exc()
@@ -167,6 +193,8 @@ def compile_command(argv: list[str]) -> int:
     args = _compile_parser().parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    else:
+        _quiet_torch_notices()
     for plugin in args.plugin:
         load_plugin(plugin)
     manager = PassManager(args.passes, print_after=args.print_after)

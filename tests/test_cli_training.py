@@ -40,6 +40,20 @@ def test_training_shows_progress_and_ends_with_the_summary(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
+def test_a_compiled_qn_run_prints_no_torch_notices(tmp_path):
+    """QN compiled at 2 bits traces a selective checkpoint, for which torch warns about
+    in-place operations (QN's hold none); the CLI drops that notice (``cli.TORCH_NOTICES``)
+    and keeps its own output: progress, summary, and no ``W``-prefixed torch lines."""
+    result = subprocess.run(command(tmp_path, "--epochs", "1", "--method", "qn", "--compile"),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=environment())
+    assert result.returncode == 0, result.stderr
+    assert "summary:" in result.stdout
+    for text in cli.TORCH_NOTICES.values():
+        assert text not in result.stderr, result.stderr
+    assert "torch/_logging" not in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("switching", [False, True])
 def test_compile_trains_through_torch_compile(tmp_path, monkeypatch, capsys, switching):
     """``--compile``: the training step runs compiled (dynamo compiled a graph in this
