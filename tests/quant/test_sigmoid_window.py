@@ -358,8 +358,9 @@ def test_compiled_quantizer_sums_the_window_and_matches_the_full_sum(
     scatter). The forward's code evaluates ``width`` sigmoids per element (each a vectorized
     ``exp``), not one per threshold; with the nearest threshold alone the backward's code
     evaluates none (it reads the slope the forward kept); no kernel passes a ``bool`` tensor,
-    and per tensor no sort runs in the graph (``sorted_biases``). ``shuffled``: the thresholds stored out
-    of order (each row permuted), which the gradients must follow back to their places."""
+    and per tensor no sort runs in the graph (``sorted_biases``). ``shuffled``: the thresholds
+    stored out of order (each row permuted), which the gradients must follow back to their
+    places."""
     torch._dynamo.reset()  # the suite's other compiled quantizers count against the limit of 8
     torch.manual_seed(0)
     kind = "weight" if per_channel else "activation"
@@ -368,9 +369,8 @@ def test_compiled_quantizer_sums_the_window_and_matches_the_full_sum(
     q.initialize(x)
     if shuffled:
         with torch.no_grad():
-            rows = q.biases.shape[0]
             q.biases.copy_(q.biases.gather(-1, torch.rand(q.biases.shape).argsort(dim=-1)))
-        assert rows and not torch.equal(q.biases, q.biases.sort(dim=-1).values)
+        assert not torch.equal(q.biases, q.biases.sort(dim=-1).values)
     q.train()
     q.set_temperature(temperature)
     q.refresh_window()
