@@ -9,12 +9,13 @@ by the same loop in this process; the float step again right after each QAT run,
 float model, since the host's speed drifts over the minutes a table takes). A method written
 ``qil:lsq`` quantizes the first and last layers with the second method
 (``quantize(first_last_method=...)``); plain ``qn`` gives them LSQ, QN's default for 8-bit first
-and last layers, and ``qn:qn`` keeps QN there. The frozen teacher's logits are computed once
+and last layers, and ``qn:qn`` keeps QN there; ``+fixed`` after a spec (``qn+fixed``) keeps QN's
+thresholds fixed (``qcompile.quant.qn.fix_thresholds``, as the paper's released code). The frozen teacher's logits are computed once
 before the first step (the training digits are fixed tensors) and looked up by each QAT step;
 the "seconds" column holds that pass. ``--compile`` trains every model, the float one included,
 with ``train(compile=True)``, so the step column compares compiled steps (compilation and the
 recompilations at schedule switches fall in a handful of steps, which the median leaves out).
-Usage: ``python benchmarks/qat_mnist.py [--epochs N] [--methods qil,lsq,qn:qn] [--bits 4,2]
+Usage: ``python benchmarks/qat_mnist.py [--epochs N] [--methods qil,lsq,qn:qn,qn+fixed] [--bits 4,2]
 [--progressive] [--learn-input-quantizers] [--compile]``.
 """
 
@@ -29,6 +30,7 @@ import qcompile
 from qcompile.data import load_builtin
 from qcompile.models import SmallCNN
 from qcompile.qat import ProgressiveBits
+from qcompile.quant.qn import fix_thresholds
 
 
 def main() -> None:
@@ -105,10 +107,17 @@ def float_step_now(twin, train, args) -> float:
 
 
 def quantized(model, example, bits, spec, calibration):
-    """``model`` quantized by ``spec``: a method, or ``method:first_last_method``."""
+    """``model`` quantized by ``spec``: a method, or ``method:first_last_method``, either with
+    ``+fixed`` for QN's thresholds fixed."""
+    spec, _, option = spec.partition("+")
     method, _, edges = spec.partition(":")
-    return qcompile.quantize(model, example, bits=bits, method=method,
-                             first_last_method=edges or None, calib_data=calibration)
+    qm = qcompile.quantize(model, example, bits=bits, method=method,
+                           first_last_method=edges or None, calib_data=calibration)
+    if option not in ("", "fixed"):
+        raise SystemExit(f"unknown option +{option}: the one there is is +fixed")
+    if option and not fix_thresholds(qm):
+        raise SystemExit(f"+fixed fixes QN's thresholds, and {spec} has no QN quantizer")
+    return qm
 
 
 @torch.no_grad()

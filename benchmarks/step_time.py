@@ -15,7 +15,8 @@ soft function costs most; 19 is the second epoch of a 12-epoch run, from which o
 sums only a few sigmoids per element).
 A method written ``qil:lsq`` quantizes the first and last layers with the second method
 (``quantize(first_last_method=...)``); plain ``qn`` gives them LSQ, QN's default for 8-bit first
-and last layers, and ``qn:qn`` keeps QN there.
+and last layers, and ``qn:qn`` keeps QN there; ``qn+fixed`` keeps QN's thresholds fixed, as the
+paper's released code does (``qcompile.quant.qn.fix_thresholds``).
 Usage: ``python benchmarks/step_time.py [--methods lsq,qil,qn:qn] [--bits 4,2] [--rounds 5]
 [--steps 12] [--modes eager,compiled] [--temperature 1] [--learn-input-quantizers]``.
 """

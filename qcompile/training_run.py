@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "default), weights before activations ('weights-first'), or 'both'")
     group.add_argument("--stochastic-precision", action="store_true",
                        help="run a random subset of layers in full precision, fewer over time")
+    group.add_argument("--fixed-thresholds", action="store_true",
+                       help="QN: keep the thresholds at the midpoints between levels and learn "
+                       "the scales alone, as the paper's released code does (faster at 4 bits)")
     group.add_argument("--compile", action="store_true",
                        help="run the training step through torch.compile: steps 2-3x faster on "
                        "CPU after a compilation of seconds to a minute; resume a compiled run "
@@ -43,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_training_data(args: argparse.Namespace) -> Datasets | None:
     if args.data is None:
-        for flag in ("distill", "progressive", "stochastic_precision", "resume", "compile"):
+        for flag in ("distill", "progressive", "stochastic_precision", "resume", "compile",
+                     "fixed_thresholds"):
             if getattr(args, flag):
                 raise ConfigError(f"--{flag.replace('_', '-')} trains the model: give --data too")
         return None
@@ -76,6 +80,11 @@ def run_training(args, float_model: fx.GraphModule, quantized: fx.GraphModule, d
         train,
     )
 
+    from qcompile.quant.qn import fix_thresholds
+
+    if args.fixed_thresholds and not fix_thresholds(quantized):
+        raise ConfigError("--fixed-thresholds keeps the thresholds of QN's quantizers, and this "
+                          f"model has none (--method {args.method}): use it with --method qn")
     schedules = default_schedules(quantized)
     if args.progressive in ("bits", "both") and args.bits < 8:
         stages = tuple(sorted({8, 4, args.bits} & set(range(args.bits, 9)), reverse=True))

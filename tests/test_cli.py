@@ -281,6 +281,8 @@ def test_bits_reach_the_pipeline_and_the_table(tmp_path, small_weights, monkeypa
         (["--passes", "fold-bn{", "--input-shape", SMALL_SHAPE], "cannot parse pipeline"),
         (["--print-after", "quantize", "--input-shape", SMALL_SHAPE], "print_after"),
         (["--leaf", "Nothing", "--input-shape", SMALL_SHAPE], "--leaf 'Nothing'"),
+        (["--fixed-thresholds", "--method", "qn", "--input-shape", SMALL_SHAPE],
+         "--fixed-thresholds trains the model: give --data too"),
     ],
 )
 def test_option_errors_are_one_line(tmp_path, small_weights, monkeypatch, capsys, args, fragment):

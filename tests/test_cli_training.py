@@ -40,6 +40,17 @@ def test_training_shows_progress_and_ends_with_the_summary(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
+def test_fixed_thresholds_without_qn_is_one_line_and_writes_nothing(tmp_path):
+    result = subprocess.run(command(tmp_path, "--epochs", "1", "--method", "lsq",
+                                    "--fixed-thresholds"),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=environment())
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("qcompile: error: --fixed-thresholds") and "--method qn" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_compiled_qn_run_prints_no_torch_notices(tmp_path):
     """QN compiled at 2 bits traces a selective checkpoint, for which torch warns about
     in-place operations (QN's hold none); the CLI drops that notice (``cli.TORCH_NOTICES``)

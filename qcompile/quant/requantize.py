@@ -215,8 +215,8 @@ def _layer_method(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def _like(new: Quantizer, old: nn.Module) -> Quantizer:
-    """``new`` with the switches of ``old`` (enabled, hard, training, temperature), on its
-    device."""
+    """``new`` with the switches of ``old`` (enabled, hard, training, temperature, fixed
+    thresholds), on its device."""
     reference = next(iter([*old.parameters(), *old.buffers()]), None)
     if reference is not None:
         new.to(reference.device)
@@ -225,6 +225,8 @@ def _like(new: Quantizer, old: nn.Module) -> Quantizer:
     new.train(old.training)
     if hasattr(old, "temperature") and hasattr(new, "set_temperature"):
         new.set_temperature(float(old.temperature))
+    if not getattr(old, "thresholds_learned", True) and hasattr(new, "learn_thresholds"):
+        new.learn_thresholds(False)
     return new
 
 

@@ -240,14 +240,17 @@ def selected_sum(scaled: torch.Tensor, sorted_biases: torch.Tensor, temperature:
 
 def nearest_staircase(scaled: torch.Tensor, sorted_biases: torch.Tensor,
                       temperature: torch.Tensor, scale: torch.Tensor, offset: int,
-                      axis: int | None) -> torch.Tensor:
+                      axis: int | None, grid: int | None = None) -> torch.Tensor:
     """``scale * (offset + sum_i sigmoid_term(T * (scaled - b_i)))`` once every sigmoid but the
     nearest threshold's is saturated (:func:`saturated_width` is 1): a QN quantizer's whole soft
     function when its ``scale`` is ``alpha`` and ``offset`` is ``v_0``, evaluated by
     :class:`NearestSigmoid` with the gradients of ``scaled``, ``scale`` and the thresholds written
     out. ``sorted_biases`` is (C, n) as in :func:`window_sum`; ``scale`` broadcasts against
     ``scaled`` and is positive (the scale's gradient divides by it); ``T`` gets no gradient (the
-    quantizers hold it as a buffer).
+    quantizers hold it as a buffer). ``grid``: an integer ``g`` when the thresholds are exactly
+    ``g + 1/2, g + 3/2, ...`` in every row and get no gradient, which makes the nearest one
+    ``g + 1/2 + clamp(floor(scaled) - g, 0, n - 1)`` (the midpoints between them are the integers,
+    so ``floor`` counts the ones reached exactly); the rows are then not read.
 
     For torch.compile: differentiated by autograd, the same function made the compiled backward
     pass evaluate each sigmoid again and pick each element's threshold again (torch.compile's
@@ -260,9 +263,11 @@ def nearest_staircase(scaled: torch.Tensor, sorted_biases: torch.Tensor,
     shape = [1] * scaled.dim()
     if channels > 1:
         shape[axis % scaled.dim()] = channels
-    columns = [sorted_biases[:, i].reshape(shape) for i in range(count)]
+    columns = []
+    if grid is None:
+        columns = [sorted_biases[:, i].reshape(shape) for i in range(count)]
     arguments = (scaled, temperature.detach(), scale, float(offset),
-                 axis if channels > 1 else None, *columns)
+                 axis if channels > 1 else None, count, grid, *columns)
     if not torch.compiler.is_compiling():
         return NearestSigmoid.apply(*arguments)
     return checkpoint(NearestSigmoid.apply, *arguments, use_reentrant=False,
@@ -285,29 +290,36 @@ class NearestSigmoid(torch.autograd.Function):
     of 1.1).
 
     Arguments: ``scaled``, ``T``, ``scale``, ``offset`` (a number), the channel axis (None per
-    tensor) and the sorted thresholds as columns, each shaped to broadcast against ``scaled``.
+    tensor), the number of thresholds, ``grid`` (see :func:`nearest_staircase`; None: compare) and
+    the sorted thresholds as columns, each shaped to broadcast against ``scaled`` (none on a
+    grid). Columns that need no gradient get no masked sums, and ``k`` is then not kept.
     """
 
     @staticmethod
-    def forward(ctx, scaled, temperature, scale, offset, axis, *columns):
-        lower = torch.zeros_like(scaled)
-        nearest = columns[0].expand(scaled.shape)
-        for below, above in zip(columns[:-1], columns[1:]):
-            reached = scaled >= (below + above) / 2
-            lower = lower + torch.where(reached, 1.0, 0.0)
-            nearest = torch.where(reached, above, nearest)
+    def forward(ctx, scaled, temperature, scale, offset, axis, count, grid, *columns):
+        if grid is not None:
+            lower = (scaled.floor() - grid).clamp(0, count - 1)
+            nearest = lower + (grid + 0.5)
+        else:
+            lower = torch.zeros_like(scaled)
+            nearest = columns[0].expand(scaled.shape)
+            for below, above in zip(columns[:-1], columns[1:]):
+                reached = scaled >= (below + above) / 2
+                lower = lower + torch.where(reached, 1.0, 0.0)
+                nearest = torch.where(reached, above, nearest)
         argument = temperature * (scaled - nearest)
         sigmoid = sigmoid_term(argument)
         slope = torch.where(argument.abs() < SATURATION,
                             temperature * sigmoid * (1.0 - sigmoid), 0.0)
         out = scale * (lower + sigmoid + offset)
-        ctx.save_for_backward(lower, slope, scale, out)
+        kept = [lower] if any(ctx.needs_input_grad[7:]) else []
+        ctx.save_for_backward(slope, scale, out, *kept)
         ctx.axis, ctx.count = axis, len(columns)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        lower, slope, scale, out = ctx.saved_tensors
+        slope, scale, out, *lower = ctx.saved_tensors
         dims = list(range(grad.dim()))
         if ctx.axis is not None:
             dims.remove(ctx.axis % grad.dim())
@@ -315,13 +327,16 @@ class NearestSigmoid(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_scale = (grad * out).sum(dim=dims, keepdim=True) / scale
         grad_scaled = grad * scale * slope
+        if not any(ctx.needs_input_grad[7:]):
+            return grad_scaled, None, grad_scale, None, None, None, None, *[None] * ctx.count
+        (lower,) = lower
         if ctx.count > lower.element_size():
             picks = [torch.where(lower == k, grad_scaled, 0.0) for k in range(ctx.count)]
         else:
             picks = [grad_scaled * (1.0 - (lower - k).abs()).clamp_min(0.0)
                      for k in range(ctx.count)]
         grad_columns = [-pick.sum(dim=dims, keepdim=True) for pick in picks]
-        return grad_scaled, None, grad_scale, None, None, *grad_columns
+        return grad_scaled, None, grad_scale, None, None, None, None, *grad_columns
 
 
 def _must_save(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 from torch.func import functional_call
 
+import qcompile
 from qcompile.quant import get_method, make_quantizer
 from qcompile.quant import qn
 from qcompile.quant.qn import QNActivationQuantizer, QNWeightQuantizer
@@ -101,6 +102,37 @@ def test_soft_forward_is_differentiable_in_thresholds_scales_and_input():
     assert torch.autograd.gradcheck(function, inputs)
     q(x).sum().backward()
     assert bool((q.biases.grad != 0).all())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_fixed_thresholds_change_nothing_but_their_own_gradient(bits):
+    """``learn_thresholds(False)``: the same function and the same gradients for the input and
+    both scales; none for the thresholds, which a learned quantizer does get."""
+    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    results = []
+    for learned in (True, False):
+        q = make_quantizer("qn", "weight", bits, signed=True, per_channel=True, channels=4)
+        q.initialize(x)
+        q.set_temperature(5.0).learn_thresholds(learned)
+        assert q.thresholds_learned is learned and q.biases.requires_grad is learned
+        xg = x.clone().requires_grad_(True)
+        y = q(xg)
+        (y * torch.linspace(-1, 1, 50)).sum().backward()
+        results.append([y.detach(), xg.grad, q.log_alpha.grad, q.log_beta.grad])
+        assert (q.biases.grad is not None and bool(q.biases.grad.abs().sum() > 0)) is learned
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_fix_thresholds_fixes_every_qn_quantizer_of_a_model():
+    from qcompile.models import SmallCNN
+
+    x = torch.randn(2, 1, 28, 28)
+    qn_model = qcompile.quantize(SmallCNN(), (x,), bits=2, method="qn", calib_data=[(x,)])
+    quantizers = [m for m in qn_model.modules() if isinstance(m, qn.QNQuantizer)]
+    assert qn.fix_thresholds(qn_model) == len(quantizers) > 0
+    assert not any(q.thresholds_learned or q.biases.requires_grad for q in quantizers)
+    lsq_model = qcompile.quantize(SmallCNN(), (x,), bits=2, method="lsq", calib_data=[(x,)])
+    assert qn.fix_thresholds(lsq_model) == 0
 
 
 def test_hard_mode_gradient_comes_from_the_soft_function():

@@ -10,6 +10,7 @@ from qcompile.errors import ConfigError
 from qcompile.models import SmallCNN
 from qcompile.quant import Quantizer, make_quantizer
 from qcompile.quant.layers import quantizable_layers
+from qcompile.quant.qn import fix_thresholds
 from qcompile.quant.requantize import recalibrate, requantize
 from real_data import digits, digits_calibration as calib
 
@@ -115,6 +116,16 @@ def test_flags_and_temperature_carry_over():
     assert new is not old and new.bits == 3
     assert new.enabled is False and float(new.temperature) == 37.0
     assert gm.get_submodule("features.1.0").weight_quantizer.hard is True
+
+
+def test_fixed_qn_thresholds_stay_fixed_in_new_quantizers():
+    gm = quantized("qn")
+    assert fix_thresholds(gm) > 0
+    requantize(gm, {"features.1.0": 3}, calib())
+    new = [input_quantizer(gm, "features.1.0"),
+           gm.get_submodule("features.1.0").weight_quantizer]
+    assert all(q.bits == 3 and not q.thresholds_learned and not q.biases.requires_grad
+               for q in new)
 
 
 def test_without_calibration_builds_a_structure_a_saved_state_loads_into():

@@ -1,5 +1,7 @@
 """Quantization Networks' sigmoid sum over a window of thresholds: within its bound of the full sum."""
 
+import re
+
 import pytest
 import torch
 import torch._dynamo
@@ -399,6 +401,68 @@ def test_compiled_quantizer_sums_the_window_and_matches_the_full_sum(
     del q.window_width
     for got, want in zip(first, full, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_the_grid_is_read_only_for_fixed_thresholds_at_the_midpoints():
+    """:attr:`soft_grid` is ``v_0`` for fixed 4-bit thresholds at the midpoints between levels,
+    and None when they are learned, moved, or fewer than 14."""
+    unsigned = make_quantizer("qn", "activation", 4, signed=False).set_temperature(90.0)
+    signed = make_quantizer("qn", "weight", 4, signed=True, per_channel=True, channels=3)
+    signed.set_temperature(90.0)
+    for q, lowest in ((unsigned, 0), (signed, -7)):
+        q.refresh_window()
+        assert q.soft_window == 1 and q.soft_grid is None
+        q.learn_thresholds(False)
+        q.refresh_window()
+        assert q.soft_grid == lowest
+        with torch.no_grad():
+            q.biases[-1, 3] += 1e-3
+        q.refresh_window()
+        assert q.soft_window == 1 and q.soft_grid is None
+    two_bits = make_quantizer("qn", "activation", 2, signed=False).set_temperature(90.0)
+    two_bits.learn_thresholds(False).refresh_window()
+    assert two_bits.soft_window == 1 and two_bits.soft_grid is None
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fixed_thresholds_on_the_grid_compile_to_the_same_numbers_without_comparisons(
+        per_channel):
+    """Compiled, fixed 4-bit thresholds at the midpoints read each element's nearest threshold
+    off the grid (:attr:`soft_grid`): the forward's code compares with no midpoint, and its
+    values and the gradients of the input and both scales equal those of the compared form
+    (one comparison per midpoint) bit for bit, on inputs at, just below and just above every
+    level and threshold, beyond both ends, and random."""
+    torch._dynamo.reset()  # the suite's other compiled quantizers count against the limit of 8
+    kind = "weight" if per_channel else "activation"
+    q = make_quantizer("qn", kind, 4, signed=per_channel, per_channel=per_channel, channels=8)
+    grid = torch.arange(-40, 72) / 4  # quarter steps: every level and threshold, -10 to 17.75
+    around = torch.cat([grid, torch.nextafter(grid, grid - 1), torch.nextafter(grid, grid + 1)])
+    x = torch.cat([around, torch.randn(8 * 16 * 36 - len(around)) * 6]).reshape(8, 16, 6, 6)
+    q.initialize(x)
+    with torch.no_grad():
+        q.log_beta.zero_()  # beta = 1: the inputs above are the scaled inputs exactly
+    q.learn_thresholds(False).set_temperature(90.0).train()
+    q.refresh_window()
+    assert q.soft_window == 1 and q.soft_grid == q.lowest
+    weights = torch.randn(x.shape)
+
+    def run(module):
+        q.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        y = module(xg)
+        (y * weights).sum().backward()
+        assert q.biases.grad is None
+        return [y.detach(), xg.grad, q.log_alpha.grad, q.log_beta.grad]
+
+    compiled = torch.compile(q, dynamic=False, fullgraph=True)
+    on_grid, (grid_forward, _) = run_and_get_code(run, compiled)
+    q.soft_grid = None
+    compared, (compared_forward, _) = run_and_get_code(run, compiled)
+    def comparisons(code):
+        return len(re.findall(r"tmp\d+ >= tmp\d+", code))
+
+    assert comparisons(grid_forward) == 0 and comparisons(compared_forward) >= 14
+    assert all(torch.equal(a, b) for a, b in zip(on_grid, compared, strict=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
