@@ -71,8 +71,13 @@ def load(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+FINGERPRINT_DEFAULTS = {"fixed_thresholds": False}
+"""The values of fingerprint entries that checkpoints written before them lack."""
+
+
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume a run whose configuration differs from the checkpoint's."""
+    saved = {**FINGERPRINT_DEFAULTS, **saved}
     keys = sorted(set(saved) | set(current))
     differences = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
                    for key in keys if saved.get(key) != current.get(key)]

@@ -35,7 +35,9 @@ class Session:
                     train_examples=len(self.batches.source), world_size=self.world.world_size,
                     schedules=[type(s).__name__ for s in self.schedules],
                     distillation=None if self.distillation is None
-                    else type(self.distillation).__name__)
+                    else type(self.distillation).__name__,
+                    fixed_thresholds=any(getattr(module, "thresholds_learned", True) is False
+                                         for module in self.model.modules()))
 
     def schedule_states(self) -> list[dict]:
         """Each schedule's ``state_dict`` as of now (a snapshot: the protocol's state dicts are

@@ -11,6 +11,7 @@ from qcompile.errors import ConfigError, TrainingInterrupted
 from qcompile.qat import (Distillation, FreezeBatchNorm, ProgressiveActivations, ProgressiveBits,
                           Schedule, StochasticPrecision, TemperatureAnnealing, train)
 from qcompile.qat import checkpoint as checkpoint_module
+from qcompile.quant.qn import fix_thresholds
 from tiny_runs import (DropoutCNN, FreezeStatisticsAt, InterruptAt, RandomToggle,
                        assert_same_weights, quantized_model, train_pair, val_pair)
 
@@ -134,6 +135,28 @@ def test_resume_with_other_settings_is_refused(tmp_path, change, key):
         run(tmp_path, InterruptAt(5))
     with pytest.raises(ConfigError, match=rf"{key}: checkpoint"):
         run(tmp_path, InterruptAt(None), resume=True, **change)
+
+
+def test_resume_with_other_qn_thresholds_is_refused_and_with_the_same_continues(tmp_path):
+    """A run with fixed QN thresholds resumed with learned ones (or the other way) would train
+    other parameters than the checkpoint's optimizer holds: refused with the setting named; with
+    the same setting it continues. A checkpoint from before the setting reads as learned."""
+    def qn_run(fixed, stop, resume=False):
+        model = quantized_model(method="qn")
+        if fixed:
+            fix_thresholds(model)
+        return train(model, train_pair(), checkpoint_dir=tmp_path, schedules=[InterruptAt(stop)],
+                     resume=resume, **SETTINGS)
+
+    with pytest.raises(TrainingInterrupted):
+        qn_run(True, 5)
+    with pytest.raises(ConfigError, match="fixed_thresholds: checkpoint True, now False"):
+        qn_run(False, None, resume=True)
+    assert qn_run(True, None, resume=True).records[-1]["epoch"] == EPOCHS
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)
+    del saved["fingerprint"]["fixed_thresholds"]
+    checkpoint_module.check_fingerprint(saved["fingerprint"], {**saved["fingerprint"],
+                                                               "fixed_thresholds": False}, "x")
 
 
 def test_missing_checkpoint_is_a_config_error(tmp_path):
