@@ -319,7 +319,7 @@ class NearestSigmoid(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        slope, scale, out, *lower = ctx.saved_tensors
+        slope, scale, out, *kept = ctx.saved_tensors
         dims = list(range(grad.dim()))
         if ctx.axis is not None:
             dims.remove(ctx.axis % grad.dim())
@@ -327,9 +327,9 @@ class NearestSigmoid(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_scale = (grad * out).sum(dim=dims, keepdim=True) / scale
         grad_scaled = grad * scale * slope
-        if not any(ctx.needs_input_grad[7:]):
+        if not kept:
             return grad_scaled, None, grad_scale, None, None, None, None, *[None] * ctx.count
-        (lower,) = lower
+        (lower,) = kept
         if ctx.count > lower.element_size():
             picks = [torch.where(lower == k, grad_scaled, 0.0) for k in range(ctx.count)]
         else:
