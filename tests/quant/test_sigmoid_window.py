@@ -348,6 +348,17 @@ def test_crowded_thresholds_wait_for_a_higher_temperature_or_get_no_window():
     assert saturated_width(random_thresholds(0, 1, 1, 0.0), 1e4) is None
 
 
+def output_and_gradients(q, module, x, weights) -> list:
+    """``module(x)`` (``module`` is ``q`` or ``q`` compiled) and the gradients of ``(weights *
+    module(x)).sum()`` for ``x`` and for each of ``q``'s parameters (None where none reaches)."""
+    q.zero_grad()
+    xg = x.clone().requires_grad_(True)
+    y = module(xg)
+    (y * weights).sum().backward()
+    return [y.detach(), xg.grad] + [None if p.grad is None else p.grad.clone()
+                                    for p in q.parameters()]
+
+
 @pytest.mark.parametrize("bits, temperature, width", [(4, 45.0, 2), (4, 90.0, 1), (2, 90.0, 1)])
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("shuffled", [False, True])
@@ -380,11 +391,7 @@ def test_compiled_quantizer_sums_the_window_and_matches_the_full_sum(
     weights = torch.randn(x.shape)
 
     def run(module):
-        q.zero_grad()
-        xg = x.clone().requires_grad_(True)
-        y = module(xg)
-        (y * weights).sum().backward()
-        return [y.detach(), xg.grad] + [p.grad.clone() for p in q.parameters()]
+        return output_and_gradients(q, module, x, weights)
 
     compiled = torch.compile(q, dynamic=False, fullgraph=True)
     first, (forward_code, backward_code) = run_and_get_code(run, compiled)
@@ -445,14 +452,13 @@ def test_fixed_thresholds_on_the_grid_compile_to_the_same_numbers_without_compar
     q.refresh_window()
     assert q.soft_window == 1 and q.soft_grid == q.lowest
     weights = torch.randn(x.shape)
+    names = [name for name, _ in q.named_parameters()]
 
     def run(module):
-        q.zero_grad()
-        xg = x.clone().requires_grad_(True)
-        y = module(xg)
-        (y * weights).sum().backward()
-        assert q.biases.grad is None
-        return [y.detach(), xg.grad, q.log_alpha.grad, q.log_beta.grad]
+        results = output_and_gradients(q, module, x, weights)
+        assert results[2 + names.index("biases")] is None
+        del results[2 + names.index("biases")]
+        return results
 
     compiled = torch.compile(q, dynamic=False, fullgraph=True)
     on_grid, (grid_forward, _) = run_and_get_code(run, compiled)
