@@ -58,11 +58,25 @@ def annealable_quantizers(gm: nn.Module) -> list[nn.Module]:
 
 def refresh_windows(gm: nn.Module) -> None:
     """Let every quantizer that evaluates a soft function over a window of its thresholds choose
-    that window from its current parameters (``refresh_window``), outside a compiled step."""
+    that window from its current parameters (``refresh_window``), outside a compiled step.
+
+    Quantizers that report what they choose from (``window_statistics``, then
+    ``apply_window_statistics``; QN's) are read back together, one transfer per device: on a GPU
+    each read is a wait for the device, and one at a time they were two to eight per quantizer
+    and step."""
+    batched: dict[torch.device, list[tuple[nn.Module, list[torch.Tensor]]]] = {}
     for module in gm.modules():
-        refresh = getattr(module, "refresh_window", None)
-        if callable(refresh):
-            refresh()
+        if callable(getattr(module, "apply_window_statistics", None)):
+            statistics = module.window_statistics()
+            batched.setdefault(statistics[0].device, []).append((module, statistics))
+        elif callable(getattr(module, "refresh_window", None)):
+            module.refresh_window()
+    for pairs in batched.values():
+        numbers = torch.stack([number for _, statistics in pairs
+                               for number in statistics]).tolist()
+        for module, statistics in pairs:
+            module.apply_window_statistics(numbers[:len(statistics)])
+            del numbers[:len(statistics)]
 
 
 def attach_gates(gm: nn.Module, device: torch.device) -> list[Quantizer]:

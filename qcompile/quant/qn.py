@@ -73,6 +73,7 @@ either one alone left a collapsed seed.
 """
 
 import functools
+import math
 
 import torch
 from torch import nn
@@ -86,10 +87,12 @@ from qcompile.quant.base import IntegerSpec, Quantizer, replace_gradient
 from qcompile.quant.fit import best_steps
 from qcompile.quant.registry import register_method
 from qcompile.quant.sigmoid_window import (
-    choose_half_width,
+    gap_statistics,
+    half_width_for,
+    window_spans,
     nearest_staircase,
     nearest_sum,
-    saturated_width,
+    saturated_width_for,
     sigmoid_term,
     window_sum,
 )
@@ -286,11 +289,18 @@ class QNQuantizer(Quantizer):
         ran)."""
         if torch.compiler.is_compiling():
             return self.soft_window
-        return self._choose_window(compiled=False)
+        if self.biases.shape[-1] < NEAREST_STEPS:
+            return None  # eager sums 1-3 bits in full (_window_for)
+        statistics = torch.stack(self._statistics(compiled=False)).tolist()
+        return self._window_for(statistics, compiled=False)
 
-    @torch.no_grad()
-    def _choose_window(self, compiled: bool, ordered: torch.Tensor | None = None) -> int | None:
+    def _window_for(self, statistics: list[float], compiled: bool) -> int | None:
+        """The window from :meth:`_statistics` read back: ``T``, the smallest gap, the spans of
+        :func:`~qcompile.quant.sigmoid_window.window_spans` where a window may be chosen, and
+        whether the thresholds are on the grid where they may be."""
         count = self.biases.shape[-1]
+        temperature = statistics[0]
+        smallest_gap = statistics[1] if count > 1 else math.inf
         # 1-2 bits, compiled: the nearest threshold alone (a compiled 2-bit activation quantizer
         # on 64x16x28x28, forward and backward, 1.9 -> 1.3 ms inside the kept-sigmoid
         # checkpoint, 1.36 -> 1.09 by nearest_staircase). Eager, its gather costs what the 3
@@ -298,24 +308,24 @@ class QNQuantizer(Quantizer):
         nearest_only = count < NEAREST_STEPS
         if nearest_only and not (compiled and count <= KEPT_SIGMOIDS):
             return None
-        if ordered is None:
-            ordered = self.biases.detach().sort(dim=-1).values
-        temperature = float(self.temperature)
-        saturated = saturated_width(ordered, temperature)
+        saturated = saturated_width_for(smallest_gap, count, temperature)
         if nearest_only:
             return 1 if saturated == 1 else None
         if count < WINDOWED_STEPS or saturated == 1:
             return saturated
-        half_width = choose_half_width(ordered, temperature)
+        spans = statistics[2:2 + len(window_spans(count))]
+        half_width = half_width_for(spans, count, temperature)
         return None if half_width is None else 2 * half_width
 
     def refresh_window(self) -> None:
         """Choose the soft function's threshold window for the current thresholds and
         temperature, as eager mode does on every call (and at 1-2 bits the nearest threshold,
         which only the compiled form sums alone); the training loop calls this before each
-        compiled step. The choice is a function of the parameters and ``T`` alone, so a resumed
-        run chooses what the uninterrupted one did. It also records the thresholds' order for
-        :meth:`sorted_biases`.
+        compiled step (:func:`~qcompile.qat.quantizers.refresh_windows`, which reads the
+        statistics of all of a model's quantizers in one transfer: :meth:`window_statistics`,
+        :meth:`apply_window_statistics`). The choice is a function of the parameters and ``T``
+        alone, so a resumed run chooses what the uninterrupted one did. It also records the
+        thresholds' order for :meth:`sorted_biases`.
 
         Fixed thresholds (no gradient: :meth:`learn_thresholds`) that sit exactly at the midpoints
         between the unit-spaced levels, as :meth:`initialize` puts them, make :attr:`soft_grid`
@@ -324,19 +334,46 @@ class QNQuantizer(Quantizer):
         or 30 comparisons give, in three operations (a compiled 4-bit activation quantizer after
         its batch norm on 64x16x28x28, forward and backward: 3.1-3.6 -> 2.5-3.0 ms; at 2 bits,
         against two comparisons, no gain, so 1-3 bits keep them)."""
-        with torch.no_grad():
-            ordered, order = self.biases.sort(dim=-1, stable=True)
-            self.order.copy_(order)
-        self.soft_window = self._choose_window(compiled=True, ordered=ordered)
-        self.soft_grid = self.lowest if self._on_grid() else None
+        self.apply_window_statistics(torch.stack(self.window_statistics()).tolist())
+
+    def window_statistics(self) -> list[torch.Tensor]:
+        """Record the thresholds' order (:meth:`sorted_biases`) and return, as tensors of one
+        number on their device (no wait for it), what :meth:`apply_window_statistics` chooses
+        from: ``T``, the sorted rows' :func:`~qcompile.quant.sigmoid_window.gap_statistics` and,
+        when fixed thresholds may be on the grid, whether they are."""
+        return self._statistics(compiled=True)
+
+    def apply_window_statistics(self, statistics: list[float]) -> None:
+        """Set :attr:`soft_window` and :attr:`soft_grid` from :meth:`window_statistics` read
+        back as numbers."""
+        self.soft_window = self._window_for(statistics, compiled=True)
+        on_grid = self._may_be_on_grid() and statistics[-1] == 1
+        self.soft_grid = self.lowest if on_grid else None
 
     @torch.no_grad()
-    def _on_grid(self) -> bool:
-        if (self.biases.requires_grad or self.biases.shape[-1] < NEAREST_STEPS
-                or any(height != 1 for height in self.heights)):
-            return False
-        midpoints = (self.values[1:] + self.values[:-1]).to(self.biases.dtype) / 2
-        return torch.equal(self.biases, midpoints.expand_as(self.biases))
+    def _statistics(self, compiled: bool) -> list[torch.Tensor]:
+        count = self.biases.shape[-1]
+        if compiled:
+            ordered, order = self.biases.sort(dim=-1, stable=True)
+            self.order.copy_(order)
+        else:
+            ordered = self.biases.sort(dim=-1).values
+        statistics = [self.temperature]
+        if count > 1:
+            widths = (1, *window_spans(count)) if count >= WINDOWED_STEPS else (1,)
+            statistics += gap_statistics(ordered, widths)
+        if compiled and self._may_be_on_grid():
+            midpoints = (self.values[1:] + self.values[:-1]).to(self.biases.dtype) / 2
+            statistics.append((self.biases == midpoints).all())
+        return statistics
+
+    def _may_be_on_grid(self) -> bool:
+        """Whether the thresholds are fixed, between levels 1 apart, and 14-31 of them (4-5
+        bits, where the compiled form may sum the nearest alone): then they are on the grid if
+        they sit exactly at the midpoints."""
+        return (not self.biases.requires_grad
+                and NEAREST_STEPS <= self.biases.shape[-1] < WINDOWED_STEPS
+                and all(height == 1 for height in self.heights))
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         alpha, beta = self.scales()

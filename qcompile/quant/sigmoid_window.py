@@ -72,7 +72,12 @@ def sigmoid_term(z: torch.Tensor) -> torch.Tensor:
 def truncation_bound(sorted_biases: torch.Tensor, temperature: float, half_width: int) -> float:
     """The bound above for rows of sorted thresholds (C, n) and the window half-width ``W``."""
     spans = sorted_biases[..., half_width:] - sorted_biases[..., :-half_width]
-    exponent = temperature * float(spans.min())
+    return bound_for_span(float(spans.min()), temperature, half_width)
+
+
+def bound_for_span(span: float, temperature: float, half_width: int) -> float:
+    """The bound above from ``G``, the smallest span of ``W`` consecutive gaps."""
+    exponent = temperature * span
     if exponent <= 0:
         return math.inf
     return 2 * half_width * math.exp(-exponent) / -math.expm1(-exponent)
@@ -83,12 +88,33 @@ def choose_half_width(sorted_biases: torch.Tensor, temperature: float,
     """The smallest ``W`` of :data:`HALF_WIDTHS` whose bound is within ``tolerance``, or None
     when no window smaller than all the thresholds is (then the full sum is the one to use)."""
     count = sorted_biases.shape[-1]
+    spans = [float(span) for span in gap_statistics(sorted_biases, window_spans(count))]
+    return half_width_for(spans, count, temperature, tolerance)
+
+
+def window_spans(count: int) -> tuple[int, ...]:
+    """The ``W`` of :data:`HALF_WIDTHS` whose windows of ``2 W`` are smaller than ``count``
+    thresholds: those :func:`half_width_for` may choose from."""
+    return tuple(width for width in HALF_WIDTHS if 2 * width < count)
+
+
+def gap_statistics(sorted_biases: torch.Tensor, widths: tuple[int, ...]) -> list[torch.Tensor]:
+    """For each of ``widths`` (each below the row length), the smallest span of that many
+    consecutive gaps in rows of sorted thresholds (C, n), as a tensor of one number on their
+    device (width 1: the smallest gap); stacked with others, they are read back in one
+    transfer."""
     with torch.no_grad():
-        for half_width in HALF_WIDTHS:
-            if 2 * half_width >= count:
-                return None
-            if truncation_bound(sorted_biases, temperature, half_width) <= tolerance:
-                return half_width
+        return [(sorted_biases[..., width:] - sorted_biases[..., :-width]).min()
+                for width in widths]
+
+
+def half_width_for(spans: list[float], count: int, temperature: float,
+                   tolerance: float = TOLERANCE) -> int | None:
+    """:func:`choose_half_width` from the spans of :func:`gap_statistics` for
+    :func:`window_spans` of ``count``."""
+    for half_width, span in zip(HALF_WIDTHS, spans):
+        if bound_for_span(span, temperature, half_width) <= tolerance:
+            return half_width
     return None
 
 
@@ -168,9 +194,15 @@ def saturated_width(sorted_biases: torch.Tensor, temperature: float) -> int | No
     count = sorted_biases.shape[-1]
     if count < 2:
         return None
-    with torch.no_grad():
-        gaps = sorted_biases[..., 1:] - sorted_biases[..., :-1]
-        reach = temperature * float(gaps.min())
+    (smallest_gap,) = gap_statistics(sorted_biases, (1,))
+    return saturated_width_for(float(smallest_gap), count, temperature)
+
+
+def saturated_width_for(smallest_gap: float, count: int, temperature: float) -> int | None:
+    """:func:`saturated_width` from the smallest gap between ``count`` sorted thresholds."""
+    if count < 2:
+        return None
+    reach = temperature * smallest_gap
     if reach > 2 * SATURATION:
         return 1
     return 2 if reach > SATURATION and count >= 4 else None

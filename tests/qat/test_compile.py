@@ -357,3 +357,39 @@ def test_a_compiled_run_compiles_every_graph_its_schedules_make():
     train(model, train_pair(64), epochs=epochs, batch_size=64, lr=1e-3, seed=0, progress=False,
           compile=True, schedules=[SwitchEachEpoch()])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == epochs
+
+
+def test_refresh_windows_chooses_what_each_quantizer_would_in_one_read_back(monkeypatch):
+    """``refresh_windows`` before a compiled step: every QN quantizer of the model chooses the
+    window (and grid) its own ``refresh_window`` chooses, across 8- and 4-bit quantizers,
+    temperatures and fixed or learned thresholds, from one ``tolist`` for all of them, and no
+    number is read from a tensor one at a time (``item``, ``float()``, ``torch.equal``): on a
+    GPU each read is a wait for the device."""
+    from qcompile.qat.quantizers import refresh_windows
+    from qcompile.quant.qn import QNQuantizer
+
+    x = digits().train_x[:64]
+    model = qcompile.quantize(SmallCNN(), (x[:2],), bits=4, method="qn", first_last_method="qn",
+                              calib_data=[(x,)])
+    qns = [m for m in model.modules() if isinstance(m, QNQuantizer)]
+    temperatures = (1.0, 3.0, 40.0, 90.0)
+    for index, quantizer in enumerate(qns):
+        quantizer.set_temperature(temperatures[index % len(temperatures)])
+        quantizer.learn_thresholds(index % 3 != 0)
+    read_backs = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist",
+                        lambda tensor: read_backs.append(tensor.shape) or tolist(tensor))
+    with profile() as profiled:
+        refresh_windows(model)
+    monkeypatch.undo()
+    assert len(read_backs) == 1 and read_backs[0][0] >= 2 * len(qns)
+    reads = {"aten::item", "aten::_local_scalar_dense", "aten::equal"}
+    assert not reads & {event.name for event in profiled.events()}
+    together = [(q.soft_window, q.soft_grid) for q in qns]
+    for quantizer in qns:
+        quantizer.soft_window, quantizer.soft_grid = -1, -1
+        quantizer.refresh_window()
+    assert [(q.soft_window, q.soft_grid) for q in qns] == together
+    windows = {window for window, _ in together}
+    assert len(windows) >= 3 and any(grid is not None for _, grid in together)
