@@ -37,6 +37,7 @@ from qcompile.qat.quantizers import (
     freeze_model_input_quantizers,
     refresh_windows,
     sync_gates,
+    window_quantizers,
 )
 from qcompile.qat.session import Session
 from qcompile.qat.state import Schedule, TrainState
@@ -84,6 +85,7 @@ class Run(Session):
         self.teacher = None if distillation is None else distillation.teacher.to(world.device)
         self.cached = False
         self.gated: list = []
+        self.windowed: list = []
 
     def fit(self, resume: bool) -> History:
         """Train from the start or from the checkpoint; the teacher, when trained jointly under
@@ -165,6 +167,7 @@ class Run(Session):
         self.optimizer = make_optimizer(groups, self.config.optim)
         self.lr_schedule = make_lr_schedule(self.optimizer, self.config.optim,
                                             self.state.total_steps, self.state.step)
+        self.windowed = window_quantizers(self.model)
         if self.config.compile and any(getattr(schedule, "switches_every_step", False)
                                        for schedule in self.schedules):
             self.gated = attach_gates(self.model, self.world.device)
@@ -212,7 +215,7 @@ class Run(Session):
         if state.structure_changed:
             self.build_optimizer()
         if self.config.compile:
-            refresh_windows(self.model)
+            refresh_windows(self.windowed)
             sync_gates(self.gated)
         self.safe = False
         logits = self.forward_model(inputs)

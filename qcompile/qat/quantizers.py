@@ -8,6 +8,8 @@ per-layer switching leaves them on). A schedule switches them by role (weights, 
 by layer (a layer's weight quantizer with its input's), or by capability (a temperature).
 """
 
+from collections.abc import Iterable
+
 import torch
 from torch import fx, nn
 
@@ -56,20 +58,28 @@ def annealable_quantizers(gm: nn.Module) -> list[nn.Module]:
     return [module for module in gm.modules() if callable(getattr(module, "set_temperature", None))]
 
 
-def refresh_windows(gm: nn.Module) -> None:
-    """Let every quantizer that evaluates a soft function over a window of its thresholds choose
-    that window from its current parameters (``refresh_window``), outside a compiled step.
+def window_quantizers(gm: nn.Module) -> list[nn.Module]:
+    """The modules of ``gm`` that choose a window of their thresholds before a compiled step
+    (``refresh_window``), for :func:`refresh_windows`. The training loop lists them once per
+    optimizer it builds: walking a ResNet-18's 130 modules for them took 0.3 ms a step."""
+    return [module for module in gm.modules() if callable(getattr(module, "refresh_window", None))]
+
+
+def refresh_windows(quantizers: Iterable[nn.Module]) -> None:
+    """Let each of ``quantizers`` (:func:`window_quantizers`), which evaluate a soft function over
+    a window of their thresholds, choose that window from its current parameters
+    (``refresh_window``), outside a compiled step.
 
     Quantizers that report what they choose from (``window_statistics``, then
     ``apply_window_statistics``; QN's) are read back together, one transfer per device: on a GPU
     each read is a wait for the device, and one at a time they were two to eight per quantizer
     and step."""
     batched: dict[torch.device, list[tuple[nn.Module, list[torch.Tensor]]]] = {}
-    for module in gm.modules():
+    for module in quantizers:
         if callable(getattr(module, "apply_window_statistics", None)):
             statistics = module.window_statistics()
             batched.setdefault(statistics[0].device, []).append((module, statistics))
-        elif callable(getattr(module, "refresh_window", None)):
+        else:
             module.refresh_window()
     for pairs in batched.values():
         numbers = torch.stack([number for _, statistics in pairs

@@ -365,7 +365,7 @@ def test_refresh_windows_chooses_what_each_quantizer_would_in_one_read_back(monk
     temperatures and fixed or learned thresholds, from one ``tolist`` for all of them, and no
     number is read from a tensor one at a time (``item``, ``float()``, ``torch.equal``): on a
     GPU each read is a wait for the device."""
-    from qcompile.qat.quantizers import refresh_windows
+    from qcompile.qat.quantizers import refresh_windows, window_quantizers
     from qcompile.quant.qn import QNQuantizer
 
     x = digits().train_x[:64]
@@ -380,8 +380,10 @@ def test_refresh_windows_chooses_what_each_quantizer_would_in_one_read_back(monk
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist",
                         lambda tensor: read_backs.append(tensor.shape) or tolist(tensor))
+    listed = window_quantizers(model)
+    assert listed == qns
     with profile() as profiled:
-        refresh_windows(model)
+        refresh_windows(listed)
     monkeypatch.undo()
     assert len(read_backs) == 1 and read_backs[0][0] >= 2 * len(qns)
     reads = {"aten::item", "aten::_local_scalar_dense", "aten::equal"}
