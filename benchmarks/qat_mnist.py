@@ -10,13 +10,14 @@ float model, since the host's speed drifts over the minutes a table takes). A me
 ``qil:lsq`` quantizes the first and last layers with the second method
 (``quantize(first_last_method=...)``); plain ``qn`` gives them LSQ, QN's default for 8-bit first
 and last layers, and ``qn:qn`` keeps QN there; ``+fixed`` after a spec (``qn+fixed``) keeps QN's
-thresholds fixed (``qcompile.quant.qn.fix_thresholds``, as the paper's released code). The frozen teacher's logits are computed once
-before the first step (the training digits are fixed tensors) and looked up by each QAT step;
-the "seconds" column holds that pass. ``--compile`` trains every model, the float one included,
-with ``train(compile=True)``, so the step column compares compiled steps (compilation and the
-recompilations at schedule switches fall in a handful of steps, which the median leaves out).
-Usage: ``python benchmarks/qat_mnist.py [--epochs N] [--methods qil,lsq,qn:qn,qn+fixed] [--bits 4,2]
-[--progressive] [--learn-input-quantizers] [--compile]``.
+thresholds fixed (``qcompile.quant.qn.fix_thresholds``, as the paper's released code). The frozen
+teacher's logits are computed once before the first step (the training digits are fixed tensors)
+and looked up by each QAT step; the "seconds" column holds that pass. ``--compile`` trains every
+model, the float one included, with ``train(compile=True)``, so the step column compares compiled
+steps (compilation and the recompilations at schedule switches fall in a handful of steps, which
+the median leaves out).
+Usage: ``python benchmarks/qat_mnist.py [--epochs N] [--methods qil,lsq,qn:qn,qn+fixed]
+[--bits 4,2] [--progressive] [--learn-input-quantizers] [--compile]``.
 """
 
 import argparse
@@ -111,10 +112,10 @@ def quantized(model, example, bits, spec, calibration):
     ``+fixed`` for QN's thresholds fixed."""
     spec, _, option = spec.partition("+")
     method, _, edges = spec.partition(":")
+    if option not in ("", "fixed"):
+        raise SystemExit(f"unknown option +{option} in {spec}+{option} (known: +fixed)")
     qm = qcompile.quantize(model, example, bits=bits, method=method,
                            first_last_method=edges or None, calib_data=calibration)
-    if option not in ("", "fixed"):
-        raise SystemExit(f"unknown option +{option}: the one there is is +fixed")
     if option and not fix_thresholds(qm):
         raise SystemExit(f"+fixed fixes QN's thresholds, and {spec} has no QN quantizer")
     return qm

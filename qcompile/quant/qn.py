@@ -182,6 +182,11 @@ class QNQuantizer(Quantizer):
         """The input scale, ``exp(log_beta)``."""
         return self.log_beta.exp()
 
+    def midpoints(self) -> torch.Tensor:
+        """The points halfway between adjacent levels, where :meth:`initialize` puts the
+        thresholds, in the thresholds' dtype."""
+        return (self.values[1:] + self.values[:-1]).to(self.biases.dtype) / 2
+
     def step_heights(self) -> torch.Tensor:
         return (self.values[1:] - self.values[:-1]).to(self.biases.dtype)
 
@@ -363,8 +368,7 @@ class QNQuantizer(Quantizer):
             widths = (1, *window_spans(count)) if count >= WINDOWED_STEPS else (1,)
             statistics += gap_statistics(ordered, widths)
         if compiled and self._may_be_on_grid():
-            midpoints = (self.values[1:] + self.values[:-1]).to(self.biases.dtype) / 2
-            statistics.append((self.biases == midpoints).all())
+            statistics.append((self.biases == self.midpoints()).all())
         return statistics
 
     def _may_be_on_grid(self) -> bool:
@@ -397,10 +401,9 @@ class QNQuantizer(Quantizer):
         else:
             step = best_steps(rows, int(self.values[0]), int(self.values[-1]))
         step = step.clamp_min(MIN_SCALE)
-        midpoints = (self.values[1:] + self.values[:-1]).to(self.biases.dtype) / 2
         self.log_beta.copy_(-step.log())
         self.log_alpha.copy_(step.log())
-        self.biases.copy_(midpoints.repeat(self.channels, 1))
+        self.biases.copy_(self.midpoints().expand_as(self.biases))
 
 
 class QNWeightQuantizer(QNQuantizer):
