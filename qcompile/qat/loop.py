@@ -40,7 +40,7 @@ from qcompile.qat.quantizers import (
     window_quantizers,
 )
 from qcompile.qat.session import Session
-from qcompile.qat.state import Schedule, TrainState
+from qcompile.qat.state import Schedule, TrainState, noticing_new_parameters
 
 log = logging.getLogger("qcompile.qat")
 
@@ -248,8 +248,9 @@ class Run(Session):
         if not self.schedules:
             return
         self.before_hooks = self.schedule_states()
-        for schedule in self.schedules:
-            getattr(schedule, hook)(self.state)
+        with noticing_new_parameters(self.state, self.parameters):
+            for schedule in self.schedules:
+                getattr(schedule, hook)(self.state)
         self.before_hooks = None
 
     def close_epoch(self) -> None:
@@ -257,9 +258,10 @@ class Run(Session):
         self.safe = False
         state = self.state
         figures = {}
-        for schedule in self.schedules:
-            for key, value in (schedule.on_epoch_end(state) or {}).items():
-                figures[f"{schedule.name}.{key}" if key in figures else key] = value
+        with noticing_new_parameters(state, self.parameters):
+            for schedule in self.schedules:
+                for key, value in (schedule.on_epoch_end(state) or {}).items():
+                    figures[f"{schedule.name}.{key}" if key in figures else key] = value
         reestimated = self.reestimate_batch_norms()
         if reestimated:
             figures["bn_reestimated"] = reestimated

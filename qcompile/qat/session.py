@@ -18,6 +18,7 @@ import time
 from qcompile.errors import ConfigError
 from qcompile.qat import checkpoint
 from qcompile.qat.metrics import EpochMeter, History
+from qcompile.qat.state import noticing_new_parameters
 
 log = logging.getLogger("qcompile.qat")
 
@@ -96,8 +97,9 @@ class Session:
         self.history = History.from_state_dict(saved["history"])
         process = saved["processes"][self.world.rank]
         self.meter = EpochMeter.from_state_dict(process["meter"])
-        for schedule in self.schedules:
-            schedule.on_train_start(self.state)
+        with noticing_new_parameters(self.state, self.parameters):
+            for schedule in self.schedules:
+                schedule.on_train_start(self.state)
         if self.state.structure_changed:
             log.warning("a schedule changed the model's structure in on_train_start after a "
                         "resume; its optimizer state starts afresh")

@@ -14,6 +14,7 @@ from qcompile.qat import Distillation, Schedule, train
 from qcompile.qat.optim import OptimConfig, parameter_groups
 from qcompile.qat.quantizers import model_input_quantizers
 from qcompile.quant import make_quantizer
+from qcompile.quant.layers import quantizable_layers
 from tiny_runs import (RandomToggle, assert_same_weights, digits, quantized_model, quantizers,
                        train_pair, val_pair, weights)
 
@@ -128,27 +129,61 @@ def test_lr_schedules(schedule):
 
 
 class ReplaceQuantizer(Schedule):
-    """At the second epoch, gives the classifier a fresh weight quantizer (new parameters)."""
+    """In its ``hook`` of the first epoch's end or the second epoch's start or first step, gives
+    the classifier a fresh weight quantizer (new parameters); sets ``structure_changed`` when it
+    ``declares`` the change."""
 
     name = "replace"
 
-    def on_epoch_start(self, state):
-        if state.epoch == 1:
+    def __init__(self, hook="on_epoch_start", declares=True):
+        self.hook, self.declares, self.initial = hook, declares, None
+        setattr(self, hook, self.replace)
+
+    def replace(self, state):
+        second_epoch = state.epoch == 1 and state.batch == 0
+        if self.initial is None and (second_epoch or self.hook == "on_epoch_end"):
             layer = state.model.get_submodule("classifier")
             fresh = make_quantizer("lsq", "weight", 4, signed=True, per_channel=True,
                                    channels=10)
             fresh.initialize(layer.layer.weight.detach())
             layer.weight_quantizer = fresh
             self.initial = fresh.step.detach().clone()
-            state.structure_changed = True
+            state.structure_changed = state.structure_changed or self.declares
+        return {}
 
 
-def test_structure_change_rebuilds_the_optimizer():
-    schedule = ReplaceQuantizer()
+@pytest.mark.parametrize("hook", ["on_epoch_end", "on_epoch_start", "on_step_start"])
+@pytest.mark.parametrize("declares", [True, False])
+def test_structure_change_rebuilds_the_optimizer(hook, declares):
+    """Declared or not (a schedule that forgets ``structure_changed``), the new quantizer's
+    parameters are trained in the epoch after the swap."""
+    schedule = ReplaceQuantizer(hook, declares)
     qm = quantized_model()
     train(qm, train_pair(), epochs=2, lr=1e-2, progress=False, schedules=[schedule])
     step = qm.get_submodule("classifier").weight_quantizer.step
+    assert schedule.initial is not None
     assert not torch.equal(step.detach(), schedule.initial)
+
+
+class Reassign(Schedule):
+    """Assigns every quantizer module to where it already is before each step: registrations
+    that change no parameter."""
+
+    name = "reassign"
+
+    def on_step_start(self, state):
+        for layer in quantizable_layers(state.model):
+            layer.module.weight_quantizer = layer.module.weight_quantizer
+
+
+def test_registrations_that_add_no_parameter_keep_the_optimizer(monkeypatch):
+    builds = []
+    build = qcompile.qat.loop.Run.build_optimizer
+    monkeypatch.setattr(qcompile.qat.loop.Run, "build_optimizer",
+                        lambda run: (builds.append(run.state.step), build(run)))
+    train(quantized_model(), train_pair(), epochs=2, lr=1e-2, progress=False,
+          schedules=[Reassign()])
+    assert builds == [0]
 
 
 def test_metrics_file_has_one_line_per_epoch(tmp_path):
