@@ -164,6 +164,8 @@ class Run(Session):
         teacher = self.distillation.trainable_parameters() if self.distillation else []
         groups = parameter_groups(self.model, self.config.optim, teacher)
         self.parameters = [p for group in groups for p in group["params"]]
+        self.model_parameters = [p for group in groups if group["name"] != "teacher"
+                                 for p in group["params"]]
         self.optimizer = make_optimizer(groups, self.config.optim)
         self.lr_schedule = make_lr_schedule(self.optimizer, self.config.optim,
                                             self.state.total_steps, self.state.step)
@@ -248,7 +250,7 @@ class Run(Session):
         if not self.schedules:
             return
         self.before_hooks = self.schedule_states()
-        with noticing_new_parameters(self.state, self.parameters):
+        with noticing_new_parameters(self.state, self.model_parameters):
             for schedule in self.schedules:
                 getattr(schedule, hook)(self.state)
         self.before_hooks = None
@@ -258,7 +260,7 @@ class Run(Session):
         self.safe = False
         state = self.state
         figures = {}
-        with noticing_new_parameters(state, self.parameters):
+        with noticing_new_parameters(state, self.model_parameters):
             for schedule in self.schedules:
                 for key, value in (schedule.on_epoch_end(state) or {}).items():
                     figures[f"{schedule.name}.{key}" if key in figures else key] = value

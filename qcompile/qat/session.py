@@ -97,7 +97,7 @@ class Session:
         self.history = History.from_state_dict(saved["history"])
         process = saved["processes"][self.world.rank]
         self.meter = EpochMeter.from_state_dict(process["meter"])
-        with noticing_new_parameters(self.state, self.parameters):
+        with noticing_new_parameters(self.state, self.model_parameters):
             for schedule in self.schedules:
                 schedule.on_train_start(self.state)
         if self.state.structure_changed:

@@ -10,8 +10,8 @@ Order of the calls. A fresh run: ``on_train_start``; then per epoch ``on_epoch_s
 ``on_step_start`` (``state.step`` = steps done so far) before the forward pass, and
 ``on_epoch_end`` after the epoch's last step (after the last epoch ``state.step ==
 state.total_steps``, ``state.progress == 1``). After any hook that sets ``structure_changed``,
-the loop rebuilds the optimizer and resets the flag; it sets the flag itself when a hook gave the
-model a trainable parameter the optimizer lacks (:func:`noticing_new_parameters`). A resumed
+the loop rebuilds the optimizer and resets the flag; it sets the flag itself when a hook changed
+which of the model's parameters train (:func:`noticing_new_parameters`). A resumed
 run: set ``state.epoch`` and ``state.step`` from the checkpoint, call each schedule's
 ``load_state_dict`` and then ``prepare_for_resume``, then load the model's state dict, build the
 optimizer and load its state, then ``on_train_start``.
@@ -98,12 +98,13 @@ class Schedule:
 @contextlib.contextmanager
 def noticing_new_parameters(state: TrainState,
                             trained: list[torch.nn.Parameter]) -> Iterator[None]:
-    """Around schedule hooks: sets ``state.structure_changed`` when they gave ``state.model`` a
-    parameter that requires a gradient and is not among ``trained`` (the optimizer's), so that a
-    schedule which replaced modules without setting the flag does not train on with the new
-    parameters left out of the optimizer. It costs nothing unless a module or parameter is
-    registered while it is open (torch's global registration hooks); only then are the model's
-    parameters compared with ``trained``."""
+    """Around schedule hooks: sets ``state.structure_changed`` when, after them, the parameters
+    of ``state.model`` that require a gradient are no longer ``trained`` (the model's parameters
+    in the optimizer). A schedule that replaced modules without setting the flag would otherwise
+    train on with new parameters left out of the optimizer, and with removed ones left in it,
+    whose optimizer state a resumed run (which rebuilds the structure and then the optimizer)
+    could not load. It costs nothing unless a module or parameter is registered while it is open
+    (torch's global registration hooks); only then are the two sets compared."""
     registered = []
 
     def note(*_) -> None:
@@ -117,6 +118,5 @@ def noticing_new_parameters(state: TrainState,
         for handle in handles:
             handle.remove()
     if registered and not state.structure_changed:
-        known = {id(param) for param in trained}
-        state.structure_changed = any(param.requires_grad and id(param) not in known
-                                      for param in state.model.parameters())
+        now = {id(param) for param in state.model.parameters() if param.requires_grad}
+        state.structure_changed = now != {id(param) for param in trained}

@@ -11,6 +11,7 @@ from qcompile.errors import ConfigError, TrainingInterrupted
 from qcompile.qat import (Distillation, FreezeBatchNorm, ProgressiveActivations, ProgressiveBits,
                           Schedule, StochasticPrecision, TemperatureAnnealing, train)
 from qcompile.qat import checkpoint as checkpoint_module
+from qcompile.quant import make_quantizer
 from qcompile.quant.qn import fix_thresholds
 from tiny_runs import (DropoutCNN, FreezeStatisticsAt, InterruptAt, RandomToggle,
                        assert_same_weights, quantized_model, train_pair, val_pair)
@@ -274,3 +275,35 @@ def test_an_interrupt_inside_a_step_keeps_the_last_complete_checkpoint(tmp_path,
     assert torch.load(tmp_path / "last.pt", weights_only=True)["position"]["step"] == 4
     resumed, _ = run(tmp_path, resume=True)
     assert_same_weights(resumed, uninterrupted[0])
+
+
+class DropStepSize(Schedule):
+    """From the second epoch on, the classifier's weights quantize with DoReFa (no parameters)
+    instead of LSQ (a step size), and the schedule does not set ``structure_changed``: the
+    optimizer must drop the step size all the same, or a resumed run (which swaps the quantizer
+    in ``prepare_for_resume`` and builds its optimizer after) cannot load the saved one."""
+
+    name = "drop-step-size"
+
+    def on_epoch_start(self, state):
+        if state.epoch == 1:
+            self.swap(state.model)
+
+    def prepare_for_resume(self, state):
+        if state.step >= STEPS_PER_EPOCH:
+            self.swap(state.model)
+
+    @staticmethod
+    def swap(model):
+        layer = model.get_submodule("classifier")
+        layer.weight_quantizer = make_quantizer("dorefa", "weight", 4, signed=True,
+                                                per_channel=True, channels=10)
+
+
+def test_a_schedule_that_drops_parameters_unannounced_still_resumes_bit_for_bit(tmp_path):
+    expected, _ = run(None, DropStepSize())
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path, DropStepSize(), InterruptAt(2 * STEPS_PER_EPOCH + 1))
+    model, history = run(tmp_path, DropStepSize(), InterruptAt(None), resume=True)
+    assert_same_weights(model, expected)
+    assert len(history.records) == EPOCHS
