@@ -40,7 +40,7 @@ from qcompile.qat.quantizers import (
     window_quantizers,
 )
 from qcompile.qat.session import Session
-from qcompile.qat.state import Schedule, TrainState, noticing_new_parameters
+from qcompile.qat.state import Schedule, TrainState, noticing_parameter_changes
 
 log = logging.getLogger("qcompile.qat")
 
@@ -250,7 +250,7 @@ class Run(Session):
         if not self.schedules:
             return
         self.before_hooks = self.schedule_states()
-        with noticing_new_parameters(self.state, self.model_parameters):
+        with noticing_parameter_changes(self.state, self.model_parameters):
             for schedule in self.schedules:
                 getattr(schedule, hook)(self.state)
         self.before_hooks = None
@@ -260,7 +260,7 @@ class Run(Session):
         self.safe = False
         state = self.state
         figures = {}
-        with noticing_new_parameters(state, self.model_parameters):
+        with noticing_parameter_changes(state, self.model_parameters):
             for schedule in self.schedules:
                 for key, value in (schedule.on_epoch_end(state) or {}).items():
                     figures[f"{schedule.name}.{key}" if key in figures else key] = value

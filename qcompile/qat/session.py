@@ -18,7 +18,7 @@ import time
 from qcompile.errors import ConfigError
 from qcompile.qat import checkpoint
 from qcompile.qat.metrics import EpochMeter, History
-from qcompile.qat.state import noticing_new_parameters
+from qcompile.qat.state import noticing_parameter_changes
 
 log = logging.getLogger("qcompile.qat")
 
@@ -97,7 +97,7 @@ class Session:
         self.history = History.from_state_dict(saved["history"])
         process = saved["processes"][self.world.rank]
         self.meter = EpochMeter.from_state_dict(process["meter"])
-        with noticing_new_parameters(self.state, self.model_parameters):
+        with noticing_parameter_changes(self.state, self.model_parameters):
             for schedule in self.schedules:
                 schedule.on_train_start(self.state)
         if self.state.structure_changed:

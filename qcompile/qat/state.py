@@ -11,8 +11,8 @@ Order of the calls. A fresh run: ``on_train_start``; then per epoch ``on_epoch_s
 ``on_epoch_end`` after the epoch's last step (after the last epoch ``state.step ==
 state.total_steps``, ``state.progress == 1``). After any hook that sets ``structure_changed``,
 the loop rebuilds the optimizer and resets the flag; it sets the flag itself when a hook changed
-which of the model's parameters train (:func:`noticing_new_parameters`). A resumed
-run: set ``state.epoch`` and ``state.step`` from the checkpoint, call each schedule's
+which of the model's parameters train (:func:`noticing_parameter_changes`). A resumed run: set
+``state.epoch`` and ``state.step`` from the checkpoint, call each schedule's
 ``load_state_dict`` and then ``prepare_for_resume``, then load the model's state dict, build the
 optimizer and load its state, then ``on_train_start``.
 """
@@ -96,7 +96,7 @@ class Schedule:
 
 
 @contextlib.contextmanager
-def noticing_new_parameters(state: TrainState,
+def noticing_parameter_changes(state: TrainState,
                             trained: list[torch.nn.Parameter]) -> Iterator[None]:
     """Around schedule hooks: sets ``state.structure_changed`` when, after them, the parameters
     of ``state.model`` that require a gradient are no longer ``trained`` (the model's parameters
