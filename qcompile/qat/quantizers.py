@@ -82,11 +82,10 @@ def refresh_windows(quantizers: Iterable[nn.Module]) -> None:
         else:
             module.refresh_window()
     for pairs in batched.values():
-        numbers = torch.stack([number for _, statistics in pairs
-                               for number in statistics]).tolist()
+        numbers = iter(torch.stack([number for _, statistics in pairs
+                                    for number in statistics]).tolist())
         for module, statistics in pairs:
-            module.apply_window_statistics(numbers[:len(statistics)])
-            del numbers[:len(statistics)]
+            module.apply_window_statistics([next(numbers) for _ in statistics])
 
 
 def attach_gates(gm: nn.Module, device: torch.device) -> list[Quantizer]:

@@ -97,7 +97,7 @@ class Schedule:
 
 @contextlib.contextmanager
 def noticing_parameter_changes(state: TrainState,
-                            trained: list[torch.nn.Parameter]) -> Iterator[None]:
+                               trained: list[torch.nn.Parameter]) -> Iterator[None]:
     """Around schedule hooks: sets ``state.structure_changed`` when, after them, the parameters
     of ``state.model`` that require a gradient are no longer ``trained`` (the model's parameters
     in the optimizer). A schedule that replaced modules without setting the flag would otherwise

@@ -89,11 +89,11 @@ from qcompile.quant.registry import register_method
 from qcompile.quant.sigmoid_window import (
     gap_statistics,
     half_width_for,
-    window_spans,
     nearest_staircase,
     nearest_sum,
     saturated_width_for,
     sigmoid_term,
+    window_spans,
     window_sum,
 )
 
