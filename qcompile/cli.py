@@ -198,21 +198,26 @@ def compile_command(argv: list[str]) -> int:
     for plugin in args.plugin:
         load_plugin(plugin)
     manager = PassManager(args.passes, print_after=args.print_after)
-    data = training_run.load_training_data(args)
+    training_run.check_training_flags(args)
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
-    shape = args.input_shape or loaded.example_input_shape
-    if shape is None and data is not None:
-        shape = (1, *data.input_shape)
+    model_shape = args.input_shape or loaded.example_input_shape
+    data = training_run.load_training_data(args, model_shape)
+    shape = training_run.example_shape(data, args.input_shape, loaded.example_input_shape,
+                                       loaded.shape_is_fixed)
     if shape is None:
         raise ConfigError(f"the input shape of {loaded.description} is not known; pass "
                           "--input-shape, e.g. --input-shape 1,3,224,224")
     example = (torch.randn(shape, generator=torch.Generator().manual_seed(INPUT_SEED)),)
     leaves = [resolve_leaf(loaded.module, name) for name in args.leaf]
     print(f"model: {loaded.description}, input {'x'.join(map(str, shape))}")
+    if data is not None and data.repeated_channels:
+        print(f"data: {data.name}, one-channel images repeated to the model's "
+              f"{data.repeated_channels} channels")
     ctx = PassContext(example)
     gm = _trace(loaded.module, example, leaves, shape)
     options = _quantization_options(args)
     if data is not None:
+        training_run.check_outputs(gm, example[0], data)
         calibration = training_run.calibration_batches(data, args.batch_size)
         training_run.check_progressive(args)
         options.update(calib_data=calibration)

@@ -11,7 +11,7 @@ command line takes, these two and ``imagefolder:PATH`` (a torchvision ``ImageFol
 ``.npz`` file, as train and validation Datasets.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +83,12 @@ class Datasets:
     val: Dataset
     input_shape: tuple[int, ...]
     classes: int
+    repeated_channels: int | None = None
+    """How many channels the one-channel images were repeated to, if they were (load_data)."""
 
 
 def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
-              val_fraction: float = 0.2, seed: int = 0) -> Datasets:
+              channels: int | None = None, val_fraction: float = 0.2, seed: int = 0) -> Datasets:
     """Train and validation data for ``spec``: a built-in name, ``imagefolder:PATH`` or a ``.npz``.
 
     ``imagefolder:PATH`` uses ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) when both exist,
@@ -94,23 +96,45 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
     (default: the size of the first image). A ``.npz`` holds ``x_train, y_train, x_test, y_test``
     or ``x, y``; uint8 inputs are scaled to [0, 1] and (N, H, W) gets a channel axis. Splits are
     stratified and fixed by ``seed``; ``val_fraction`` of each class goes to validation.
+
+    ``channels``: the image channels the model reads, when known. Images with one channel are
+    then repeated to that many (a grayscale digit as an RGB image, for a torchvision model),
+    and ``imagefolder`` images are read as grayscale for a one-channel model; any other
+    difference is a ConfigError.
     """
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
     if spec in ("mnist5k", "digits"):
         split = load_builtin(spec, test_fraction=val_fraction, seed=seed)
-        return Datasets(spec, TensorDataset(split.train_x, split.train_y),
+        data = Datasets(spec, TensorDataset(split.train_x, split.train_y),
                         TensorDataset(split.test_x, split.test_y), split.input_shape,
                         split.classes)
-    if spec.startswith("imagefolder:"):
-        return _image_folder(Path(spec.removeprefix("imagefolder:")), image_size, val_fraction,
-                             seed)
-    if spec.startswith("npz:") or spec.endswith(".npz"):
-        return _npz(Path(spec.removeprefix("npz:")), val_fraction, seed)
-    raise ConfigError(f"unknown data {spec!r}; use one of: {'; '.join(DATA_FORMS)}")
+    elif spec.startswith("imagefolder:"):
+        data = _image_folder(Path(spec.removeprefix("imagefolder:")), image_size, val_fraction,
+                             seed, grayscale=channels == 1)
+    elif spec.startswith("npz:") or spec.endswith(".npz"):
+        data = _npz(Path(spec.removeprefix("npz:")), val_fraction, seed)
+    else:
+        raise ConfigError(f"unknown data {spec!r}; use one of: {'; '.join(DATA_FORMS)}")
+    return data if channels is None else _with_channels(data, channels)
 
 
-def _image_folder(root: Path, image_size, val_fraction: float, seed: int) -> Datasets:
+def _with_channels(data: Datasets, channels: int) -> Datasets:
+    """``data`` with images of ``channels`` channels (:func:`load_data`)."""
+    if len(data.input_shape) != 3 or data.input_shape[0] == channels:
+        return data
+    have = data.input_shape[0]
+    if have != 1 or not isinstance(data.train, TensorDataset):
+        raise ConfigError(f"--data {data.name} has {have}-channel images and the model reads "
+                          f"{channels} channels; give data with {channels}-channel images")
+    train, val = (TensorDataset(inputs.expand(-1, channels, -1, -1), labels)
+                  for inputs, labels in (data.train.tensors, data.val.tensors))
+    return replace(data, train=train, val=val, input_shape=(channels, *data.input_shape[1:]),
+                   repeated_channels=channels)
+
+
+def _image_folder(root: Path, image_size, val_fraction: float, seed: int,
+                  grayscale: bool = False) -> Datasets:
     from torchvision import datasets, transforms
 
     if not root.is_dir():
@@ -126,7 +150,9 @@ def _image_folder(root: Path, image_size, val_fraction: float, seed: int) -> Dat
         raise ConfigError(f"imagefolder: {roots[0]} and {roots[1]} have different class folders "
                           f"({folders[0].classes} vs {folders[1].classes})")
     height, width = _image_size(image_size, folders[0])
-    transform = transforms.Compose([transforms.Resize((height, width)), transforms.ToTensor()])
+    steps = [transforms.Grayscale()] if grayscale else []
+    transform = transforms.Compose([*steps, transforms.Resize((height, width)),
+                                    transforms.ToTensor()])
     for folder in folders:
         folder.transform = transform
     if len(folders) == 2:
@@ -134,7 +160,8 @@ def _image_folder(root: Path, image_size, val_fraction: float, seed: int) -> Dat
     else:
         train_index, val_index = _stratified_split(folders[0].targets, val_fraction, seed)
         train, val = Subset(folders[0], train_index), Subset(folders[0], val_index)
-    return Datasets(f"imagefolder:{root}", train, val, (3, height, width), len(folders[0].classes))
+    return Datasets(f"imagefolder:{root}", train, val, (1 if grayscale else 3, height, width),
+                    len(folders[0].classes))
 
 
 def _image_size(image_size, folder) -> tuple[int, int]:

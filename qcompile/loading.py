@@ -34,15 +34,22 @@ from qcompile.user_code import import_object
 IMAGENET_INPUT_SHAPE = (1, 3, 224, 224)
 _CHECKPOINT_KEYS = ("state_dict", "model")
 _SHOWN_KEYS = 5
+_DEFAULT_CLASSES = 1000
+"""The class count torchvision builds its classifiers with."""
 
 
 @dataclass
 class LoadedModel:
-    """A loaded model, the input shape it is known to take (or None), and where it came from."""
+    """A loaded model, the input shape it is known to take (or None), and where it came from.
+
+    ``shape_is_fixed`` says whether the model takes only that shape (an exported program, traced
+    for it) or the shape is just the usual one (a torchvision classifier's 3x224x224, which
+    reads any image size from the data it is trained on)."""
 
     module: nn.Module
     example_input_shape: tuple[int, ...] | None
     description: str
+    shape_is_fixed: bool = False
 
 
 def load_model(
@@ -94,6 +101,7 @@ def _load_exported_program(path: Path) -> LoadedModel:
         module=from_exported_program(program),
         example_input_shape=_program_input_shape(program),
         description=f"exported program {path.name}",
+        shape_is_fixed=True,
     )
 
 
@@ -164,6 +172,10 @@ def _load_state_dict(path: Path, content, arch: str | None) -> LoadedModel:
             "--arch torchvision:<name> or --arch package.module:ClassName"
         )
     model, input_shape = build_architecture(arch)
+    classes = _classes_of_state(model, state, arch)
+    if classes is not None:
+        model, input_shape = build_architecture(arch, num_classes=classes)
+        arch = f"{arch} ({classes} classes)"
     _check_keys(model, state, path, arch)
     try:
         model.load_state_dict(state, strict=True)
@@ -219,12 +231,35 @@ def _unreadable(path: Path, error: Exception) -> ModelLoadError:
     )
 
 
-def build_architecture(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
+def _classes_of_state(model: nn.Module, state: Mapping, arch: str) -> int | None:
+    """The class count of a torchvision classifier's weights in ``state`` when it is not the
+    count ``model`` was built with (1000), else None.
+
+    Read from the tensors whose first axis is the built model's class count and differs in
+    ``state``, the rest of their shape the same (the classifier's weight and bias): a
+    ``resnet18(num_classes=10)`` saved for MNIST loads as such with ``--arch
+    torchvision:resnet18``. Any other difference is left to the usual error.
+    """
+    if not arch.startswith("torchvision:"):
+        return None
+    found = set()
+    for key, tensor in model.state_dict().items():
+        saved = state.get(key)
+        if not isinstance(saved, torch.Tensor) or saved.shape == tensor.shape:
+            continue
+        if tensor.dim() == 0 or tensor.shape[0] != _DEFAULT_CLASSES or saved.dim() != tensor.dim() \
+                or saved.shape[1:] != tensor.shape[1:] or saved.shape[0] < 1:
+            return None
+        found.add(saved.shape[0])
+    return found.pop() if len(found) == 1 else None
+
+
+def build_architecture(arch: str, **options) -> tuple[nn.Module, tuple[int, ...] | None]:
     """The untrained model ``arch`` names, and its usual input shape if known.
 
-    ``torchvision:<name>`` builds ``torchvision.models.get_model(name, weights=None)`` (input
-    1x3x224x224 for the classification models); ``package.module:ClassName`` imports the class
-    and calls it with no arguments.
+    ``torchvision:<name>`` builds ``torchvision.models.get_model(name, weights=None,
+    **options)`` (input 1x3x224x224 for the classification models; ``num_classes=10`` is an
+    option); ``package.module:ClassName`` imports the class and calls it with no arguments.
     """
     source, sep, name = arch.partition(":")
     if not sep or not source or not name:
@@ -232,7 +267,7 @@ def build_architecture(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
             f"--arch {arch!r} is not 'torchvision:<name>' or 'package.module:ClassName'"
         )
     if source == "torchvision":
-        return _torchvision_model(name)
+        return _torchvision_model(name, **options)
     factory = import_object(f"{source}:{name}", what="architecture")
     try:
         model = factory()
@@ -246,7 +281,7 @@ def build_architecture(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     return model, None
 
 
-def _torchvision_model(name: str) -> tuple[nn.Module, tuple[int, ...] | None]:
+def _torchvision_model(name: str, **options) -> tuple[nn.Module, tuple[int, ...] | None]:
     import torchvision
 
     known = torchvision.models.list_models()
@@ -258,5 +293,5 @@ def _torchvision_model(name: str) -> tuple[nn.Module, tuple[int, ...] | None]:
             "(torchvision.models.list_models() lists them)"
         )
     classifiers = set(torchvision.models.list_models(module=torchvision.models))
-    model = torchvision.models.get_model(name, weights=None)
+    model = torchvision.models.get_model(name, weights=None, **options)
     return model, IMAGENET_INPUT_SHAPE if name in classifiers else None

@@ -44,16 +44,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
 
 
-def load_training_data(args: argparse.Namespace) -> Datasets | None:
+def check_training_flags(args: argparse.Namespace) -> None:
+    """Training options without --data, or with counts that are not positive: ConfigError."""
     if args.data is None:
         for flag in ("distill", "progressive", "stochastic_precision", "resume", "compile",
                      "fixed_thresholds"):
             if getattr(args, flag):
                 raise ConfigError(f"--{flag.replace('_', '-')} trains the model: give --data too")
-        return None
-    if args.epochs < 1 or args.batch_size < 1:
+    elif args.epochs < 1 or args.batch_size < 1:
         raise ConfigError("--epochs and --batch-size must be positive integers")
-    return load_data(args.data)
+
+
+def load_training_data(args: argparse.Namespace,
+                       model_shape: tuple[int, ...] | None = None) -> Datasets | None:
+    """The --data datasets (None without --data), their images given the channels of
+    ``model_shape`` (N, C, H, W) when that is known (:func:`~qcompile.data.load_data`)."""
+    check_training_flags(args)
+    if args.data is None:
+        return None
+    channels = model_shape[1] if model_shape is not None and len(model_shape) == 4 else None
+    return load_data(args.data, channels=channels)
+
+
+def example_shape(data: Datasets | None, given: tuple[int, ...] | None,
+                  model: tuple[int, ...] | None, fixed: bool) -> tuple[int, ...] | None:
+    """The shape of the example input the model is traced with: ``given`` (--input-shape),
+    else the model's (``fixed``: the only one it takes), else, with --data, the data's.
+
+    With --data the model is trained and deployed on the data, so the data decides where the
+    model's shape is only the usual one (a torchvision classifier's 3x224x224 takes MNIST's
+    28x28 as well); a shape that --input-shape gives or the model fixes must agree with it."""
+    if data is None:
+        return given or model
+    shape = (1, *data.input_shape)
+    wanted = given or (model if fixed else None)
+    if wanted is not None and tuple(wanted[1:]) != shape[1:]:
+        if given:
+            raise ConfigError(f"--input-shape {','.join(map(str, given))} does not fit --data "
+                              f"{data.name}, whose inputs are {_size(shape[1:])}; leave "
+                              "--input-shape out to take the data's")
+        raise ConfigError(f"the model takes only inputs of {_size(wanted[1:])} and --data "
+                          f"{data.name} has {_size(shape[1:])}; export the model for the data's "
+                          "size, or give data of the model's")
+    return (wanted[0], *shape[1:]) if wanted is not None else shape
+
+
+def check_outputs(model: torch.nn.Module, example: torch.Tensor, data: Datasets) -> None:
+    """A model with fewer outputs than the data has classes: ConfigError, before training."""
+    training = model.training
+    with torch.no_grad():
+        logits = model.eval()(example)
+    model.train(training)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] < data.classes:
+        raise ConfigError(f"the model has {logits.shape[1]} outputs and --data {data.name} has "
+                          f"{data.classes} classes; give a model with {data.classes} outputs "
+                          "(torchvision: save it built with num_classes)")
+
+
+def _size(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 def calibration_batches(data: Datasets, batch_size: int) -> list[tuple[torch.Tensor]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from qcompile import cli
 from qcompile.data import load_builtin
@@ -112,3 +113,50 @@ def test_sigint_mid_epoch_then_resume_finishes(tmp_path):
     assert "after 3 epochs" in resumed.stdout
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_a_torchvision_model_trains_on_one_channel_digits(tmp_path, monkeypatch, capsys):
+    """A resnet18 saved with ``num_classes=10`` (``--arch torchvision:resnet18``) on ``--data
+    digits``: built with 10 classes, traced at the data's 8x8 (not its usual 224x224), the
+    grayscale digits repeated to its 3 channels, trained, and summarised."""
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pt")
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["r18.pt", "--arch", "torchvision:resnet18", "--data", "digits",
+                     "--bits", "4", "--method", "lsq", "--epochs", "1", "--batch-size", "128",
+                     "--checkpoint-dir", "run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "torchvision:resnet18 (10 classes), input 1x3x8x8" in out
+    assert "data: digits, one-channel images repeated to the model's 3 channels" in out
+    assert "after 1 epochs" in next(line for line in out.splitlines()
+                                    if line.startswith("summary:"))
+
+
+def fails_before_training(tmp_path, capsys, *argv: str) -> str:
+    """Run the command line; it must exit 2 with one error line and no checkpoint folder."""
+    code = cli.main([*argv, "--data", "digits", "--epochs", "1", "--checkpoint-dir",
+                     str(tmp_path / "run")])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line.startswith("qcompile: error: ")
+    assert not (tmp_path / "run").exists()
+    return line
+
+
+def test_a_model_with_fewer_outputs_than_classes_fails_before_training(tmp_path, capsys):
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "r5.pt")
+    line = fails_before_training(tmp_path, capsys, str(tmp_path / "r5.pt"), "--arch",
+                                 "torchvision:resnet18")
+    assert "the model has 5 outputs and --data digits has 10 classes" in line
+
+
+def test_input_shapes_that_do_not_fit_the_data_fail_before_training(tmp_path, capsys):
+    model = SmallCNN().eval()
+    program = torch.export.export(model, (torch.randn(1, 1, 28, 28),))
+    torch.export.save(program, tmp_path / "small.pt2")
+    line = fails_before_training(tmp_path, capsys, str(tmp_path / "small.pt2"))
+    assert "takes only inputs of 1x28x28 and --data digits has 1x8x8" in line
+    torch.save(model.state_dict(), tmp_path / "small.pt")
+    line = fails_before_training(tmp_path, capsys, str(tmp_path / "small.pt"), "--arch", ARCH,
+                                 "--input-shape", "1,1,28,28")
+    assert "--input-shape 1,1,28,28 does not fit --data digits" in line

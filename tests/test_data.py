@@ -125,3 +125,28 @@ def test_unknown_spec_lists_the_accepted_forms(spec):
 def test_val_fraction_must_be_a_fraction():
     with pytest.raises(ConfigError, match="val_fraction"):
         load_data("digits", val_fraction=1.0)
+
+
+def test_one_channel_images_are_repeated_to_the_models_channels():
+    data = load_data("digits", channels=3)
+    plain = load_data("digits")
+    assert data.input_shape == (3, 8, 8) and data.repeated_channels == 3
+    x, y = data.train[7]
+    assert x.shape == (3, 8, 8) and all(torch.equal(x[c], plain.train[7][0][0]) for c in range(3))
+    assert int(y) == int(plain.train[7][1]) and len(data.val) == len(plain.val)
+    same = load_data("digits", channels=1)
+    assert same.input_shape == (1, 8, 8) and same.repeated_channels is None
+
+
+def test_imagefolder_reads_grayscale_for_a_one_channel_model(tmp_path):
+    write_images(tmp_path, {"cat": 4, "dog": 4})
+    data = load_data(f"imagefolder:{tmp_path}", channels=1)
+    assert data.input_shape == (1, 10, 12) and data.train[0][0].shape == (1, 10, 12)
+    colour = load_data(f"imagefolder:{tmp_path}", channels=3).train[0][0]
+    assert colour.shape == (3, 10, 12) and not torch.equal(colour[0], colour[1])
+
+
+def test_channels_that_cannot_be_made_to_fit_are_a_config_error(tmp_path):
+    write_images(tmp_path, {"cat": 4, "dog": 4})
+    with pytest.raises(ConfigError, match="3-channel images and the model reads 4 channels"):
+        load_data(f"imagefolder:{tmp_path}", channels=4)

@@ -66,6 +66,24 @@ def test_state_dict_with_torchvision_arch(tmp_path):
     _same_outputs(model, loaded.module, (1, 3, 32, 32))
 
 
+def test_torchvision_weights_of_another_class_count_load_with_that_count(tmp_path):
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    path = tmp_path / "resnet18_mnist.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(path, arch="torchvision:resnet18")
+    assert loaded.module.fc.out_features == 10 and "(10 classes)" in loaded.description
+    _same_outputs(model, loaded.module, (1, 3, 32, 32))
+
+
+def test_other_shape_differences_from_torchvision_still_fail(tmp_path):
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)  # a grayscale stem: not resnet18's
+    path = tmp_path / "resnet18_gray.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ModelLoadError, match="conv1.weight"):
+        load_model(path, arch="torchvision:resnet18")
+
+
 def test_key_mismatch_names_missing_and_unexpected_keys(small):
     _, path = small
     state = torch.load(path)
