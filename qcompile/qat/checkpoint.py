@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qcompile.errors import ConfigError
+from qcompile.quant.base import Quantizer
 
 FORMAT = 1
 FILENAME = "last.pt"
@@ -73,18 +74,42 @@ def load(path: Path) -> dict[str, Any]:
 
 FINGERPRINT_DEFAULTS = {"fixed_thresholds": False}
 """The values of fingerprint entries that checkpoints written before them lack."""
+UNRECORDED = {"quantizers"}
+"""Fingerprint entries not compared when a checkpoint written before them lacks them."""
+SHOWN_DIFFERENCES = 3
+"""How many differing entries of a mapping (one per quantizer) an error names."""
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume a run whose configuration differs from the checkpoint's."""
     saved = {**FINGERPRINT_DEFAULTS, **saved}
-    keys = sorted(set(saved) | set(current))
-    differences = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
+    keys = sorted((set(saved) | set(current)) - (UNRECORDED - set(saved)))
+    differences = [_difference(key, saved.get(key), current.get(key))
                    for key in keys if saved.get(key) != current.get(key)]
     if differences:
         raise ConfigError(f"cannot resume from {path}: the run's settings differ "
                           f"({'; '.join(differences)}); resume with the checkpoint's settings, or "
                           "start afresh without resume=True (or with another checkpoint_dir)")
+
+
+def _difference(key: str, saved, current) -> str:
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return f"{key}: checkpoint {saved!r}, now {current!r}"
+    names = [name for name in sorted(set(saved) | set(current))
+             if saved.get(name) != current.get(name)]
+    shown = ", ".join(f"{name} {saved.get(name)} -> {current.get(name)}"
+                      for name in names[:SHOWN_DIFFERENCES])
+    more = f" and {len(names) - SHOWN_DIFFERENCES} more" if len(names) > SHOWN_DIFFERENCES else ""
+    return f"{key}: {shown}{more}"
+
+
+def quantizer_settings(model: nn.Module) -> dict[str, str]:
+    """Each quantizer of ``model`` by module name: its class and bit-width, as ``quantize`` built
+    it (recorded before any schedule changes one), for a resumed run to check that it quantizes
+    the model as the run that wrote the checkpoint did. The weights alone do not tell: a
+    quantizer's parameters have the same shapes at 2 bits and at 4."""
+    return {name: f"{type(module).__name__} {module.bits}-bit"
+            for name, module in model.named_modules() if isinstance(module, Quantizer)}
 
 
 def rng_state() -> dict[str, Any]:

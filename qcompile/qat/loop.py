@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qcompile.errors import TrainingInterrupted
-from qcompile.qat import distributed
+from qcompile.qat import checkpoint, distributed
 from qcompile.qat.batchnorm import reestimate_batch_norms
 from qcompile.qat.interrupt import StopRequests
 from qcompile.qat.loaders import EpochBatches, Source, evaluation_loader, split_batch
@@ -65,6 +65,7 @@ class Run(Session):
                  schedules: list[Schedule], distillation, world: distributed.Distributed,
                  calib_data: list[tuple[torch.Tensor, ...]]):
         self.model = model.to(world.device)
+        self.quantizers = checkpoint.quantizer_settings(self.model)
         self.val = val
         self.config = config
         self.schedules = schedules

@@ -38,7 +38,8 @@ class Session:
                     distillation=None if self.distillation is None
                     else type(self.distillation).__name__,
                     fixed_thresholds=any(getattr(module, "thresholds_learned", True) is False
-                                         for module in self.model.modules()))
+                                         for module in self.model.modules()),
+                    quantizers=self.quantizers)
 
     def schedule_states(self) -> list[dict]:
         """Each schedule's ``state_dict`` as of now (a snapshot: the protocol's state dicts are

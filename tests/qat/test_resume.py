@@ -160,6 +160,31 @@ def test_resume_with_other_qn_thresholds_is_refused_and_with_the_same_continues(
                                                                "fixed_thresholds": False}, "x")
 
 
+def test_resume_with_other_bit_widths_is_refused(tmp_path):
+    """The quantizers' parameters have the same shapes at 2 bits as at 4, so the checkpoint's
+    weights would load into a model quantized otherwise: refused, the quantizers named. A
+    checkpoint from before the entry resumes as before."""
+    def bits_run(bits, stop, resume=False):
+        model = quantized_model(bits=bits)
+        return train(model, train_pair(), checkpoint_dir=tmp_path, schedules=[InterruptAt(stop)],
+                     resume=resume, **SETTINGS)
+
+    with pytest.raises(TrainingInterrupted):
+        bits_run(2, 5)
+    with pytest.raises(ConfigError, match=r"quantizers: \S+ LSQ\w+ 2-bit -> LSQ\w+ 4-bit") \
+            as error:
+        bits_run(4, None, resume=True)
+    assert "features.3.weight_quantizer" in str(error.value)  # the middle layer's two
+    assert "input_quantizers.features_3_input" in str(error.value)
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)["fingerprint"]
+    current = {**saved, "quantizers": {}}
+    with pytest.raises(ConfigError, match="quantizers: "):
+        checkpoint_module.check_fingerprint(saved, current, "x")
+    del saved["quantizers"]
+    checkpoint_module.check_fingerprint(saved, current, "x")
+    assert bits_run(2, None, resume=True).records[-1]["epoch"] == EPOCHS
+
+
 def test_missing_checkpoint_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint"):
         run(tmp_path, resume=True)
