@@ -217,7 +217,6 @@ def compile_command(argv: list[str]) -> int:
     gm = _trace(loaded.module, example, leaves, shape)
     options = _quantization_options(args)
     if data is not None:
-        training_run.check_outputs(gm, example[0], data)
         calibration = training_run.calibration_batches(data, args.batch_size)
         training_run.check_progressive(args)
         options.update(calib_data=calibration)

@@ -89,18 +89,6 @@ def example_shape(data: Datasets | None, given: tuple[int, ...] | None,
     return (wanted[0], *shape[1:]) if wanted is not None else shape
 
 
-def check_outputs(model: torch.nn.Module, example: torch.Tensor, data: Datasets) -> None:
-    """A model with fewer outputs than the data has classes: ConfigError, before training."""
-    training = model.training
-    with torch.no_grad():
-        logits = model.eval()(example)
-    model.train(training)
-    if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] < data.classes:
-        raise ConfigError(f"the model has {logits.shape[1]} outputs and --data {data.name} has "
-                          f"{data.classes} classes; give a model with {data.classes} outputs "
-                          "(torchvision: save it built with num_classes)")
-
-
 def _size(shape) -> str:
     return "x".join(map(str, shape))
 

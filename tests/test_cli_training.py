@@ -147,7 +147,7 @@ def test_a_model_with_fewer_outputs_than_classes_fails_before_training(tmp_path,
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "r5.pt")
     line = fails_before_training(tmp_path, capsys, str(tmp_path / "r5.pt"), "--arch",
                                  "torchvision:resnet18")
-    assert "the model has 5 outputs and --data digits has 10 classes" in line
+    assert "labels run from 0 to 9, and the model has 5 outputs" in line
 
 
 def test_input_shapes_that_do_not_fit_the_data_fail_before_training(tmp_path, capsys):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.utils.data import (
     DataLoader,
     Dataset,
@@ -117,3 +118,33 @@ def split_batch(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     inputs, labels = batch[0], batch[1]
     fast = device.type == "cuda"
     return inputs.to(device, non_blocking=fast), labels.to(device, non_blocking=fast)
+
+
+@torch.no_grad()
+def check_examples(model: nn.Module, source: Source, device: torch.device, what: str) -> None:
+    """What training would otherwise fail on in its first step, with torch's message and no
+    word of which argument: ``source``'s first example that ``model`` does not run on, labels
+    that are not class indices, and (for tensors, all of them; else the first) a label beyond
+    the model's outputs. A ConfigError naming ``what``; the model runs once, in eval mode, on
+    one example, and is left in the mode it was in."""
+    inputs, labels = split_batch(source.collate_fn([source.dataset[0]]), device)
+    if labels.is_floating_point() or labels.is_complex() or labels.dim() != 1:
+        raise ConfigError(f"{what}: labels must be class indices, one integer per example; got "
+                          f"{labels.dtype} labels of shape {tuple(labels.shape[1:])} each")
+    training = model.training
+    try:
+        logits = model.eval()(inputs)
+    except Exception as error:
+        raise ConfigError(f"{what}: the model does not run on its inputs (one of shape "
+                          f"{tuple(inputs.shape[1:])}): {type(error).__name__}: "
+                          f"{' '.join(str(error).split())}") from error
+    finally:
+        model.train(training)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        return
+    dataset = source.dataset
+    every = dataset.tensors[1] if isinstance(dataset, TensorDataset) else labels
+    low, high = int(every.min()), int(every.max())
+    if low < 0 or high >= logits.shape[1]:
+        raise ConfigError(f"{what}: labels run from {low} to {high}, and the model has "
+                          f"{logits.shape[1]} outputs (classes 0 to {logits.shape[1] - 1})")

@@ -27,7 +27,13 @@ from qcompile.errors import TrainingInterrupted
 from qcompile.qat import checkpoint, distributed
 from qcompile.qat.batchnorm import reestimate_batch_norms
 from qcompile.qat.interrupt import StopRequests
-from qcompile.qat.loaders import EpochBatches, Source, evaluation_loader, split_batch
+from qcompile.qat.loaders import (
+    EpochBatches,
+    Source,
+    check_examples,
+    evaluation_loader,
+    split_batch,
+)
 from qcompile.qat.metrics import EpochMeter, History, MetricsLog
 from qcompile.qat.optim import OptimConfig, make_lr_schedule, make_optimizer, parameter_groups
 from qcompile.qat.quantizers import (
@@ -66,6 +72,9 @@ class Run(Session):
                  calib_data: list[tuple[torch.Tensor, ...]]):
         self.model = model.to(world.device)
         self.quantizers = checkpoint.quantizer_settings(self.model)
+        check_examples(self.model, train, world.device, "train_data")
+        if val is not None:
+            check_examples(self.model, val, world.device, "val_data")
         self.val = val
         self.config = config
         self.schedules = schedules

@@ -115,6 +115,28 @@ def test_bad_data_is_a_config_error():
         train(quantized_model(), (x, y[:10]), progress=False)
 
 
+@pytest.mark.parametrize("what, data, fragment", [
+    ("train_data", lambda x, y: (x.repeat(1, 3, 1, 1), y),
+     r"train_data: the model does not run on its inputs \(one of shape \(3, "),
+    ("train_data", lambda x, y: (x, y.float()), "train_data: labels must be class indices"),
+    ("val_data", lambda x, y: (x, y + 5), r"val_data: labels run from 5 to 14, and the model "
+                                          r"has 10 outputs"),
+    ("val_data", lambda x, y: TensorDataset(x, y - 1), "val_data: labels run from -1"),
+])
+def test_data_the_model_cannot_train_on_fails_before_the_first_step(what, data, fragment,
+                                                                    tmp_path):
+    """Inputs the model does not take, labels that are not class indices or lie beyond its
+    outputs: torch would fail inside the first step (or the first validation, after an epoch)
+    without naming the argument; here a ConfigError says which, before anything is written."""
+    x, y = train_pair()
+    model = quantized_model().train()
+    arguments = dict(train_data=(x, y), val_data=(x, y))
+    arguments[what] = data(x, y)
+    with pytest.raises(ConfigError, match=fragment):
+        train(model, **arguments, epochs=1, progress=False, checkpoint_dir=tmp_path / "run")
+    assert model.training and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
 def test_lr_schedules(schedule):
     history = train(quantized_model(), train_pair(), epochs=2, lr=1e-2, lr_schedule=schedule,
