@@ -63,6 +63,9 @@ teacher also follows the attached student's train/eval mode. ``figures`` holds
         hint_weight: float = 1.0,
         cache: bool | None = None,
     ):
+        if not isinstance(teacher, nn.Module):
+            raise ConfigError(f"the teacher must be an nn.Module (the float model), not "
+                              f"{type(teacher).__name__}")
         if cache and (joint or hints):
             raise ConfigError("Distillation(cache=True) needs a frozen teacher without hints: a "
                               "jointly trained teacher's logits change every step, and hints "
@@ -124,7 +127,7 @@ teacher also follows the attached student's train/eval mode. ``figures`` holds
         """Compute the teacher's logits of every training example, given in index order by
         ``inputs`` (batches), for :meth:`loss` to look up by index."""
         self.teacher.eval()
-        self._cached = torch.cat([self.teacher(x) for x in inputs])
+        self._cached = torch.cat([self._run_teacher(x) for x in inputs])
 
     def drop_cache(self) -> None:
         """Forget the cached logits (the loop does at the end of a run: the next run may train
@@ -143,6 +146,11 @@ teacher also follows the attached student's train/eval mode. ``figures`` holds
             teacher_logits = self._cached[indices.to(self._cached.device)]
         else:
             teacher_logits = self._teacher_logits(x)
+        if teacher_logits.shape != student_logits.shape:
+            raise ConfigError(f"the teacher's outputs have shape {tuple(teacher_logits.shape[1:])} "
+                              f"and the model's {tuple(student_logits.shape[1:])}; distillation "
+                              "compares the two: give a teacher with the model's outputs (the "
+                              "float model it came from)")
         ce = F.cross_entropy(student_logits, y)
         kl = self.kl(teacher_logits.detach(), student_logits)
         total = (1 - self.weight) * ce + self.weight * kl
@@ -195,10 +203,21 @@ teacher also follows the attached student's train/eval mode. ``figures`` holds
     def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.joint:
             self.teacher.train(self._student.training if self._student is not None else True)
-            return self.teacher(x)
+            return self._run_teacher(x)
         self.teacher.eval()
         with torch.no_grad():
+            return self._run_teacher(x)
+
+    def _run_teacher(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's output for the training inputs ``x``; one it cannot compute is a
+        ConfigError (a teacher for other inputs than the student's), not torch's error from
+        inside the step."""
+        try:
             return self.teacher(x)
+        except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            raise ConfigError(f"the teacher does not run on train_data's inputs (of shape "
+                              f"{tuple(x.shape[1:])}): {type(error).__name__}: "
+                              f"{' '.join(str(error).split())}") from error
 
 
 def _fixed_examples(dataset: Dataset) -> bool:

@@ -130,6 +130,10 @@ def _device(device: str | torch.device | None, local_rank: int) -> torch.device:
     except (RuntimeError, TypeError) as error:
         raise ConfigError(f"device {device!r} is not a torch device ({error}); "
                           "use 'cpu', 'cuda' or 'cuda:N'") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this machine has no usable CUDA GPU (torch "
+                          f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); "
+                          "train on device='cpu'")
     if chosen.type == "cuda" and chosen.index is None:
         chosen = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return chosen

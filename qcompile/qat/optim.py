@@ -6,6 +6,7 @@ learning rate and without weight decay, which would otherwise shrink them toward
 them the quantization range; biases and normalization parameters carry no weight decay either.
 """
 
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ class OptimConfig:
                               f"choose one of {', '.join(LR_SCHEDULES)}")
         checked = ["lr", "weight_decay"] + ["quantizer_lr"] * (self.quantizer_lr is not None)
         for name in checked:
-            if not getattr(self, name) >= 0:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
                 raise ConfigError(f"{name} must be a non-negative number, got "
                                   f"{getattr(self, name)!r}")
 

@@ -122,6 +122,11 @@ freeze_model_input_quantizers` says why); a quantizer the caller froze stays fro
             from qcompile.qat.schedules import default_schedules
 
             schedules = default_schedules(qmodel)
+        for schedule in schedules:
+            if not isinstance(schedule, Schedule):
+                raise ConfigError(f"schedules holds a {type(schedule).__name__}; a schedule "
+                                  "subclasses qcompile.qat.Schedule (its hooks, state_dict and "
+                                  "load_state_dict)")
         run = Run(qmodel, train_source, val_source, config, list(schedules), distillation, world,
                   _calibration(calib_data, world.device))
         if metrics_path is not None and world.is_main:

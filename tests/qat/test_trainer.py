@@ -107,6 +107,23 @@ def test_bad_settings_are_config_errors(bad, fragment):
         train(quantized_model(), train_pair(), progress=False, **bad)
 
 
+@pytest.mark.parametrize("bad, fragment", [
+    (dict(lr="0.1"), "lr must be a non-negative number, got '0.1'"),
+    (dict(schedules=["freeze"]), "schedules holds a str; a schedule subclasses"),
+    (dict(teacher="float.pt"), "teacher must be an nn.Module"),
+    (dict(teacher=SmallCNN(classes=5)), r"teacher's outputs have shape \(5,\) and the model's "
+                                        r"\(10,\)"),
+    (dict(teacher=SmallCNN(in_channels=3)), "teacher does not run on train_data's inputs"),
+    pytest.param(dict(device="cuda"), "no usable CUDA GPU", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a GPU is here: device='cuda' is valid")),
+])
+def test_arguments_torch_would_fail_on_later_are_config_errors(bad, fragment):
+    """Each of these failed inside torch (a TypeError, an AttributeError, a shape mismatch in
+    the KL term, a driver error) without naming the argument."""
+    with pytest.raises(ConfigError, match=fragment):
+        train(quantized_model(), train_pair(), epochs=1, progress=False, **bad)
+
+
 def test_bad_data_is_a_config_error():
     with pytest.raises(ConfigError, match="Dataset"):
         train(quantized_model(), [1, 2, 3], progress=False)
