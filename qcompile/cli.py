@@ -200,8 +200,9 @@ def compile_command(argv: list[str]) -> int:
     manager = PassManager(args.passes, print_after=args.print_after)
     training_run.check_training_flags(args)
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
-    model_shape = args.input_shape or loaded.example_input_shape
-    data = training_run.load_training_data(args, model_shape)
+    channels = training_run.input_channels(loaded.module,
+                                           args.input_shape or loaded.example_input_shape)
+    data = training_run.load_training_data(args, channels)
     shape = training_run.example_shape(data, args.input_shape, loaded.example_input_shape,
                                        loaded.shape_is_fixed)
     if shape is None:

@@ -55,15 +55,23 @@ def check_training_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--epochs and --batch-size must be positive integers")
 
 
-def load_training_data(args: argparse.Namespace,
-                       model_shape: tuple[int, ...] | None = None) -> Datasets | None:
-    """The --data datasets (None without --data), their images given the channels of
-    ``model_shape`` (N, C, H, W) when that is known (:func:`~qcompile.data.load_data`)."""
+def load_training_data(args: argparse.Namespace, channels: int | None = None) -> Datasets | None:
+    """The --data datasets (None without --data), their images given the model's ``channels``
+    when known (:func:`~qcompile.data.load_data`)."""
     check_training_flags(args)
     if args.data is None:
         return None
-    channels = model_shape[1] if model_shape is not None and len(model_shape) == 4 else None
     return load_data(args.data, channels=channels)
+
+
+def input_channels(model: torch.nn.Module, shape: tuple[int, ...] | None) -> int | None:
+    """The image channels ``model`` reads: from its (N, C, H, W) input ``shape`` when known,
+    else those of its first 2-d convolution (in module order, where a network's stem comes
+    first), else None."""
+    if shape is not None:
+        return shape[1] if len(shape) == 4 else None
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return None if first is None else first.in_channels
 
 
 def example_shape(data: Datasets | None, given: tuple[int, ...] | None,

@@ -133,6 +133,26 @@ def test_a_torchvision_model_trains_on_one_channel_digits(tmp_path, monkeypatch,
                                     if line.startswith("summary:"))
 
 
+def test_a_one_channel_model_reads_an_image_folder_in_grayscale(tmp_path, monkeypatch, capsys):
+    """``--arch package.module:Class`` says no input shape: the model's first convolution does
+    (one channel for SmallCNN), so the RGB folder is read as grayscale rather than failing to
+    trace at 3 channels."""
+    from PIL import Image
+
+    for label, colour in enumerate([(250, 20, 20), (20, 250, 20)]):
+        (tmp_path / "images" / f"class{label}").mkdir(parents=True)
+        for k in range(10):
+            Image.new("RGB", (12, 12), (*colour[:2], 12 * k)).save(
+                tmp_path / "images" / f"class{label}" / f"{k}.png")
+    torch.manual_seed(0)
+    torch.save(SmallCNN().state_dict(), tmp_path / "small.pt")
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["small.pt", "--arch", ARCH, "--data", f"imagefolder:{tmp_path / 'images'}",
+                     "--epochs", "1", "--checkpoint-dir", "run"])
+    out = capsys.readouterr().out
+    assert code == 0 and "input 1x1x12x12" in out and "after 1 epochs" in out
+
+
 def fails_before_training(tmp_path, capsys, *argv: str) -> str:
     """Run the command line; it must exit 2 with one error line and no checkpoint folder."""
     code = cli.main([*argv, "--data", "digits", "--epochs", "1", "--checkpoint-dir",
