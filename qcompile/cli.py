@@ -141,7 +141,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="state dict (.pt, with --arch), torch.export program "
                         "(.pt2) or pickled module (with --trust-pickle)")
     parser.add_argument("--arch", help="architecture of a state dict: torchvision:<name> or "
-                        "package.module:ClassName")
+                        "package.module:ClassName, either with keyword arguments, e.g. "
+                        "'package.module:ClassName(classes=3)'")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="load a whole pickled module (unpickling runs code from the file)")
     parser.add_argument("--bits", type=_bits, default=2, help="bit-width, 1 to 8 (default 2)")

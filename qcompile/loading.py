@@ -3,7 +3,8 @@
 A model file is one of:
 
 * a state dict (or a checkpoint dict holding one under ``state_dict`` / ``model``) plus an
-  architecture, ``torchvision:<name>`` or ``package.module:ClassName`` (built with no arguments);
+  architecture, ``torchvision:<name>`` or ``package.module:ClassName`` (built with no arguments, or with the keyword arguments the name ends in:
+  ``package.module:ClassName(classes=3)``);
   read with ``torch.load(weights_only=True)``, which cannot run code from the file;
 * an ExportedProgram saved with ``torch.export.save`` (``.pt2``), lifted to our IR by
   :func:`qcompile.ir.export_frontend.from_exported_program`;
@@ -14,6 +15,7 @@ Every failure is a :class:`~qcompile.errors.ModelLoadError` (or ``ConfigError`` 
 option) whose message says what to do.
 """
 
+import ast
 import difflib
 import logging
 import os
@@ -23,6 +25,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -259,9 +262,13 @@ def build_architecture(arch: str, **options) -> tuple[nn.Module, tuple[int, ...]
 
     ``torchvision:<name>`` builds ``torchvision.models.get_model(name, weights=None,
     **options)`` (input 1x3x224x224 for the classification models; ``num_classes=10`` is an
-    option); ``package.module:ClassName`` imports the class and calls it with no arguments.
+    option); ``package.module:ClassName`` imports the class and calls it with ``options``.
+    Either may end in keyword arguments written as in Python, literals only:
+    ``package.module:ClassName(classes=3, width=32)``, ``torchvision:resnet18(num_classes=10)``.
     """
-    source, sep, name = arch.partition(":")
+    spec, given = _split_arguments(arch)
+    options = {**given, **options}
+    source, sep, name = spec.partition(":")
     if not sep or not source or not name:
         raise ConfigError(
             f"--arch {arch!r} is not 'torchvision:<name>' or 'package.module:ClassName'"
@@ -270,15 +277,45 @@ def build_architecture(arch: str, **options) -> tuple[nn.Module, tuple[int, ...]
         return _torchvision_model(name, **options)
     factory = import_object(f"{source}:{name}", what="architecture")
     try:
-        model = factory()
+        model = factory(**options)
     except Exception as error:
+        called = "no arguments" if not options else _call_text(options)
         raise ModelLoadError(
-            f"cannot build {arch} with no arguments: {type(error).__name__}: {error}; an --arch "
-            "class must be constructible as ClassName()"
+            f"cannot build {arch} with {called}: {type(error).__name__}: {error}; an --arch "
+            "class is called as ClassName() or with the keyword arguments --arch gives, "
+            "e.g. ClassName(classes=3)"
         ) from error
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{arch} built a {type(model).__name__}, not an nn.Module")
     return model, None
+
+
+def _split_arguments(arch: str) -> tuple[str, dict[str, Any]]:
+    """``name(key=literal, ...)`` as ``name`` and the keyword arguments (:func:`build_
+    architecture`); a plain name as itself and none."""
+    if "(" not in arch:
+        return arch, {}
+    spec, _, call = arch.partition("(")
+    wanted = f"keyword arguments with literal values, as in {spec.strip()}(classes=10, width=32)"
+    try:
+        tree = ast.parse(f"f({call}", mode="eval").body
+    except SyntaxError:
+        tree = None
+    if not isinstance(tree, ast.Call) or tree.args or any(k.arg is None for k in tree.keywords):
+        raise ConfigError(f"--arch {arch!r}: give the class {wanted}")
+    options = {}
+    for keyword in tree.keywords:
+        try:
+            options[keyword.arg] = ast.literal_eval(keyword.value)
+        except ValueError:
+            raise ConfigError(f"--arch {arch!r}: {keyword.arg}={ast.unparse(keyword.value)} is not "
+                              f"a literal (a number, string, tuple, list or dict); give "
+                              f"{wanted}") from None
+    return spec.strip(), options
+
+
+def _call_text(options: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in options.items())
 
 
 def _torchvision_model(name: str, **options) -> tuple[nn.Module, tuple[int, ...] | None]:
@@ -293,5 +330,9 @@ def _torchvision_model(name: str, **options) -> tuple[nn.Module, tuple[int, ...]
             "(torchvision.models.list_models() lists them)"
         )
     classifiers = set(torchvision.models.list_models(module=torchvision.models))
-    model = torchvision.models.get_model(name, weights=None, **options)
+    try:
+        model = torchvision.models.get_model(name, weights=None, **options)
+    except (TypeError, ValueError) as error:
+        raise ModelLoadError(f"cannot build torchvision:{name} with {_call_text(options)}: "
+                             f"{error}") from error
     return model, IMAGENET_INPUT_SHAPE if name in classifiers else None

@@ -1,5 +1,6 @@
 """Model loading: every accepted form, and an actionable error for each way it can go wrong."""
 
+import re
 import sys
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 from plugins.models import Branchy, SmallNet
 from qcompile.errors import ConfigError, ModelLoadError
 from qcompile.loading import IMAGENET_INPUT_SHAPE, load_model
+from qcompile.models import SmallCNN
 from qcompile.pipeline import available_passes
 from qcompile.user_code import load_plugin, resolve_leaf
 
@@ -73,6 +75,37 @@ def test_torchvision_weights_of_another_class_count_load_with_that_count(tmp_pat
     loaded = load_model(path, arch="torchvision:resnet18")
     assert loaded.module.fc.out_features == 10 and "(10 classes)" in loaded.description
     _same_outputs(model, loaded.module, (1, 3, 32, 32))
+
+
+def test_arch_keyword_arguments_build_the_model_the_weights_came_from(tmp_path):
+    model = SmallCNN(classes=3, width=8).eval()
+    path = tmp_path / "three.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ModelLoadError, match="do not fit"):
+        load_model(path, arch="qcompile.models:SmallCNN")
+    loaded = load_model(path, arch="qcompile.models:SmallCNN(classes=3, width=8)")
+    _same_outputs(model, loaded.module, (1, 1, 12, 12))
+    resnet = load_model(_saved(tmp_path, torchvision.models.resnet18(num_classes=7)),
+                        arch="torchvision:resnet18(num_classes=7)")
+    assert resnet.module.fc.out_features == 7
+
+
+@pytest.mark.parametrize("arch, error, fragment", [
+    ("qcompile.models:SmallCNN(3)", ConfigError, "keyword arguments with literal values"),
+    ("qcompile.models:SmallCNN(classes=3", ConfigError, "keyword arguments"),
+    ("qcompile.models:SmallCNN(classes=n)", ConfigError, "classes=n is not a literal"),
+    ("qcompile.models:SmallCNN(clases=3)", ModelLoadError, "with clases=3: TypeError"),
+    ("torchvision:resnet18(num_klasses=3)", ModelLoadError, "with num_klasses=3"),
+])
+def test_bad_arch_arguments_say_what_is_wrong(tmp_path, arch, error, fragment):
+    with pytest.raises(error, match=re.escape(fragment)):
+        load_model(_saved(tmp_path, SmallCNN()), arch=arch)
+
+
+def _saved(tmp_path, model: nn.Module) -> str:
+    path = tmp_path / f"{type(model).__name__}.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
 
 
 def test_other_shape_differences_from_torchvision_still_fail(tmp_path):
