@@ -3,9 +3,10 @@
 A model file is one of:
 
 * a state dict (or a checkpoint dict holding one under ``state_dict`` / ``model``) plus an
-  architecture, ``torchvision:<name>`` or ``package.module:ClassName`` (built with no arguments, or with the keyword arguments the name ends in:
-  ``package.module:ClassName(classes=3)``);
-  read with ``torch.load(weights_only=True)``, which cannot run code from the file;
+  architecture, ``torchvision:<name>`` or ``package.module:ClassName`` (built with no
+  arguments, or with the keyword arguments the name ends in: ``package.module:ClassName(
+  classes=3)``); read with ``torch.load(weights_only=True)``, which cannot run code from the
+  file;
 * an ExportedProgram saved with ``torch.export.save`` (``.pt2``), lifted to our IR by
   :func:`qcompile.ir.export_frontend.from_exported_program`;
 * a whole module saved with ``torch.save(model)``. Unpickling it runs code named in the file, so
