@@ -13,6 +13,7 @@ Ctrl-C exits 130; anything else is reported as an internal error, exit 1, and
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -190,7 +191,18 @@ def _compile_parser() -> argparse.ArgumentParser:
 
 
 def compile_command(argv: list[str]) -> int:
-    """``qcompile MODEL ...``: load, trace, run the passes, report, optionally write."""
+    """``qcompile MODEL ...``: load, trace, run the passes, report, optionally write.
+
+    Under ``torchrun`` every process runs the command and trains its share of each batch; the
+    first (``RANK`` 0) alone prints the report and writes the outputs, as it alone shows
+    progress bars."""
+    if os.environ.get("RANK", "0") != "0":
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            return _compile(argv, write=False)
+    return _compile(argv, write=True)
+
+
+def _compile(argv: list[str], write: bool) -> int:
     args = _compile_parser().parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -229,6 +241,8 @@ def compile_command(argv: list[str]) -> int:
     if data is not None:
         training_run.run_training(args, gm, result, data, calibration)
     print(format_table(layer_report(result)))
+    if not write:
+        return 0
     if args.out is not None and args.out.suffix == ".qc":
         _write_artifact(result, args.out, args.target, example)
     elif args.out is not None:

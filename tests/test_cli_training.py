@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +88,29 @@ def test_compile_trains_through_torch_compile(tmp_path, monkeypatch, capsys, swi
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["epoch"] == 1 and record["train_loss"] > 0
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_the_command_line_under_torchrun_reports_and_writes_once(tmp_path):
+    """Two processes train one model (``torchrun -m qcompile.cli``); the first alone prints the
+    report and writes ``--out``, as it alone shows progress bars."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = command(tmp_path, "--epochs", "1", "--out", "graph")[3:]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                             "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                             "--master-port", str(port), "-m", "qcompile.cli", *args],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=environment())
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("model: ") for line in lines) == 1
+    assert sum(line.startswith("summary: ") for line in lines) == 1
+    assert sum(line.startswith("wrote graph") for line in lines) == 1
+    assert (tmp_path / "graph").is_dir()
+    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in records] == [1]
 
 
 def test_sigint_mid_epoch_then_resume_finishes(tmp_path):

@@ -43,7 +43,7 @@ class Distributed:
         if not self.enabled:
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True,
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=True,
                                        find_unused_parameters=True)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
