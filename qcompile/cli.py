@@ -228,7 +228,10 @@ def _compile(argv: list[str], write: bool) -> int:
         print(f"data: {data.name}, one-channel images repeated to the model's "
               f"{data.repeated_channels} channels")
     ctx = PassContext(example)
-    gm = _trace(loaded.module, example, leaves, shape)
+    source = ("check --input-shape" if data is None or args.input_shape else
+              f"the inputs of --data {data.name} are {'x'.join(map(str, shape[1:]))}: give data "
+              "the model takes")
+    gm = _trace(loaded.module, example, leaves, shape, source)
     options = _quantization_options(args)
     if data is not None:
         calibration = training_run.calibration_batches(data, args.batch_size)
@@ -284,7 +287,7 @@ def _quantization_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _trace(model, example, leaves, shape) -> fx.GraphModule:
+def _trace(model, example, leaves, shape, hint: str) -> fx.GraphModule:
     try:
         return trace(model, example, leaf_modules=leaves)
     except TraceError:
@@ -293,7 +296,7 @@ def _trace(model, example, leaves, shape) -> fx.GraphModule:
         cause = error.__cause__ or error
         raise ConfigError(
             f"the model does not run on an input of shape {'x'.join(map(str, shape))}: "
-            f"{type(cause).__name__}: {cause}; check --input-shape"
+            f"{type(cause).__name__}: {cause}; {hint}"
         ) from error
 
 

@@ -126,7 +126,8 @@ def _with_channels(data: Datasets, channels: int) -> Datasets:
     have = data.input_shape[0]
     if have != 1 or not isinstance(data.train, TensorDataset):
         raise ConfigError(f"--data {data.name} has {have}-channel images and the model reads "
-                          f"{channels} channels; give data with {channels}-channel images")
+                          f"{channels} channel{'s' * (channels != 1)}; give data with "
+                          f"{channels}-channel images")
     train, val = (TensorDataset(inputs.expand(-1, channels, -1, -1), labels)
                   for inputs, labels in (data.train.tensors, data.val.tensors))
     return replace(data, train=train, val=val, input_shape=(channels, *data.input_shape[1:]),

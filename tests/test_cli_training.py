@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -204,3 +205,18 @@ def test_input_shapes_that_do_not_fit_the_data_fail_before_training(tmp_path, ca
     line = fails_before_training(tmp_path, capsys, str(tmp_path / "small.pt"), "--arch", ARCH,
                                  "--input-shape", "1,1,28,28")
     assert "--input-shape 1,1,28,28 does not fit --data digits" in line
+
+
+def test_data_of_a_form_the_model_does_not_take_names_the_data(tmp_path, capsys):
+    """Flat vectors for a CNN: the trace fails on the data's shape, and the error says the data
+    is what does not fit (not --input-shape, which was not given)."""
+    generator = torch.Generator().manual_seed(0)
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, x=torch.rand(40, 64, generator=generator).numpy(),
+             y=torch.randint(0, 3, (40,), generator=generator).numpy())
+    torch.save(SmallCNN().state_dict(), tmp_path / "small.pt")
+    code = cli.main([str(tmp_path / "small.pt"), "--arch", ARCH, "--data", str(flat),
+                     "--epochs", "1", "--checkpoint-dir", str(tmp_path / "run")])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and f"the inputs of --data {flat} are 64: give data the model takes" in line
+    assert not (tmp_path / "run").exists()
