@@ -142,7 +142,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="state dict (.pt, with --arch), torch.export program "
                         "(.pt2) or pickled module (with --trust-pickle)")
     parser.add_argument("--arch", help="architecture of a state dict: torchvision:<name> or "
-                        "package.module:ClassName, either with keyword arguments, e.g. "
+                        "package.module:ClassName, optionally with keyword arguments, e.g. "
                         "'package.module:ClassName(classes=3)'")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="load a whole pickled module (unpickling runs code from the file)")
@@ -228,10 +228,10 @@ def _compile(argv: list[str], write: bool) -> int:
         print(f"data: {data.name}, one-channel images repeated to the model's "
               f"{data.repeated_channels} channels")
     ctx = PassContext(example)
-    source = ("check --input-shape" if data is None or args.input_shape else
-              f"the inputs of --data {data.name} are {'x'.join(map(str, shape[1:]))}: give data "
-              "the model takes")
-    gm = _trace(loaded.module, example, leaves, shape, source)
+    hint = ("check --input-shape" if data is None or args.input_shape else
+            f"the inputs of --data {data.name} are {'x'.join(map(str, shape[1:]))}: give data "
+            "the model takes")
+    gm = _trace(loaded.module, example, leaves, shape, hint)
     options = _quantization_options(args)
     if data is not None:
         calibration = training_run.calibration_batches(data, args.batch_size)
