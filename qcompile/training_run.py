@@ -57,8 +57,7 @@ def check_training_flags(args: argparse.Namespace) -> None:
 
 def load_training_data(args: argparse.Namespace, channels: int | None = None) -> Datasets | None:
     """The --data datasets (None without --data), their images given the model's ``channels``
-    when known (:func:`~qcompile.data.load_data`)."""
-    check_training_flags(args)
+    when known (:func:`~qcompile.data.load_data`); :func:`check_training_flags` comes first."""
     if args.data is None:
         return None
     return load_data(args.data, channels=channels)

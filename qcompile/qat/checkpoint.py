@@ -73,9 +73,8 @@ def load(path: Path) -> dict[str, Any]:
 
 
 FINGERPRINT_DEFAULTS = {"fixed_thresholds": False}
-"""The values of fingerprint entries that checkpoints written before them lack."""
-UNRECORDED = {"quantizers"}
-"""Fingerprint entries not compared when a checkpoint written before them lacks them."""
+"""The values of fingerprint entries that checkpoints written before them lack; an entry such a
+checkpoint lacks and that has no default here (``quantizers``) is not compared."""
 SHOWN_DIFFERENCES = 3
 """How many differing entries of a mapping (one per quantizer) an error names."""
 
@@ -83,7 +82,7 @@ SHOWN_DIFFERENCES = 3
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume a run whose configuration differs from the checkpoint's."""
     saved = {**FINGERPRINT_DEFAULTS, **saved}
-    keys = sorted((set(saved) | set(current)) - (UNRECORDED - set(saved)))
+    keys = sorted(saved)
     differences = [_difference(key, saved.get(key), current.get(key))
                    for key in keys if saved.get(key) != current.get(key)]
     if differences:

@@ -216,8 +216,7 @@ teacher also follows the attached student's train/eval mode. ``figures`` holds
             return self.teacher(x)
         except (RuntimeError, TypeError, ValueError, IndexError) as error:
             raise ConfigError(f"the teacher does not run on train_data's inputs (of shape "
-                              f"{tuple(x.shape[1:])}): {type(error).__name__}: "
-                              f"{' '.join(str(error).split())}") from error
+                              f"{tuple(x.shape[1:])}): {type(error).__name__}: {error}") from error
 
 
 def _fixed_examples(dataset: Dataset) -> bool:

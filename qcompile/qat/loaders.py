@@ -136,8 +136,7 @@ def check_examples(model: nn.Module, source: Source, device: torch.device, what:
         logits = model.eval()(inputs)
     except Exception as error:
         raise ConfigError(f"{what}: the model does not run on its inputs (one of shape "
-                          f"{tuple(inputs.shape[1:])}): {type(error).__name__}: "
-                          f"{' '.join(str(error).split())}") from error
+                          f"{tuple(inputs.shape[1:])}): {type(error).__name__}: {error}") from error
     finally:
         model.train(training)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
