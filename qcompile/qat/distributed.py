@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import fx, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from qcompile.errors import ConfigError
+
+OWN_MODULES = ("torch.nn.", "qcompile.")
+"""Where the modules :func:`every_parameter_used` trusts to use all their parameters live."""
 
 
 @dataclass
@@ -36,15 +39,18 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, unused_parameters: bool = True) -> nn.Module:
         """``model`` in DDP (buffers such as BN statistics and quantizer state broadcast from rank
-        0 before each forward); unused parameters are allowed, since schedules may switch
-        quantizers off for a step."""
+        0 before each forward). ``unused_parameters``: whether a step may leave some of its
+        parameters out of the loss (a schedule that switches quantizers off; see
+        :func:`every_parameter_used`). DDP then looks for them after every backward pass, at
+        the cost of a walk over the autograd graph, and warns once on every process when it
+        finds none; without it, a parameter left out would stall the gradient averaging."""
         if not self.enabled:
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=True,
-                                       find_unused_parameters=True)
+                                       find_unused_parameters=unused_parameters)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Element-wise sums of ``values`` over every process (the values themselves alone)."""
@@ -86,6 +92,12 @@ class Distributed:
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
 
+    def broadcast_state(self, model: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers to every process."""
+        if self.enabled:
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -99,6 +111,42 @@ class Distributed:
     @property
     def _collective_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def every_parameter_used(model: nn.Module) -> bool:
+    """Whether every trainable parameter of ``model`` enters its output, as far as its graph
+    tells without running it: ``model`` is an fx graph; each trainable parameter belongs to a
+    module that a node on the way to the output calls, or is an attribute such a node reads;
+    every module called is torch's or qcompile's own, whose forward passes use all their
+    parameters (one of the user's may skip some), and no quantizer is switched off
+    (``enabled``). False when it cannot tell."""
+    if not isinstance(model, fx.GraphModule):
+        return False
+    output = next(node for node in reversed(model.graph.nodes) if node.op == "output")
+    live = {output}
+    pending = [output]
+    while pending:
+        for node in pending.pop().all_input_nodes:
+            if node not in live:
+                live.add(node)
+                pending.append(node)
+    used: set[nn.Parameter] = set()
+    for node in live:
+        if node.op == "call_module":
+            called = model.get_submodule(node.target)
+            for module in called.modules():
+                if (not type(module).__module__.startswith(OWN_MODULES)
+                        or getattr(module, "enabled", True) is False):
+                    return False
+            used.update(called.parameters())
+        elif node.op == "get_attr":
+            owner, _, name = node.target.rpartition(".")
+            value = getattr(model.get_submodule(owner), name)
+            if isinstance(value, nn.Parameter):
+                used.add(value)
+            elif isinstance(value, nn.Module):
+                return False
+    return all(p in used for p in model.parameters() if p.requires_grad)
 
 
 def setup(device: str | torch.device | None = None) -> Distributed:

@@ -84,7 +84,8 @@ class Run(Session):
         self.state = TrainState(self.model, config.epochs, len(self.batches), config.seed,
                                 calib_data=calib_data,
                                 reestimate_batch_norms=self.reestimate_batch_norms
-                                if config.bn_examples else None)
+                                if config.bn_examples else None,
+                                synchronize=lambda: world.broadcast_state(self.model))
         self.history = History()
         self.meter = EpochMeter()
         self.metrics: MetricsLog | None = None
@@ -183,7 +184,9 @@ class Run(Session):
         if self.config.compile and any(getattr(schedule, "switches_every_step", False)
                                        for schedule in self.schedules):
             self.gated = attach_gates(self.model, self.world.device)
-        self.forward_model = self.world.wrap(self.model)
+        unused = (any(schedule.may_leave_parameters_unused for schedule in self.schedules)
+                  or not distributed.every_parameter_used(self.model))
+        self.forward_model = self.world.wrap(self.model, unused_parameters=unused)
         if self.config.compile:
             self.forward_model = compiled(self.forward_model, self.world.device)
         if self.distillation is not None and hasattr(self.distillation, "attach"):

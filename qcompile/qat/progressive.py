@@ -59,7 +59,9 @@ class ProgressiveActivations(Schedule):
     def on_step_start(self, state: TrainState) -> None:
         on = state.progress >= self.weights_only_fraction
         if on and not self.activations_on and self.recalibrate:
+            # each process records the activations with its own batch norms' running statistics
             recalibrate(state.model, state.calib_data)
+            state.synchronize()
         self.activations_on = on
         self._apply(state)
 
@@ -99,6 +101,7 @@ class ProgressiveBits(Schedule):
     """
 
     name = "progressive-bits"
+    may_leave_parameters_unused = False
 
     def __init__(
         self,

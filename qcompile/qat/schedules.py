@@ -111,6 +111,7 @@ class TemperatureAnnealing(Schedule):
     """
 
     name = "temperature"
+    may_leave_parameters_unused = False
 
     def __init__(self, start: float = 1.0, end: float = 200.0, mode: str = "linear"):
         if mode not in ("linear", "exponential"):
@@ -173,6 +174,7 @@ class FreezeBatchNorm(Schedule):
     """
 
     name = "freeze-bn"
+    may_leave_parameters_unused = False
 
     def __init__(self, at: float = 0.8):
         if not 0 <= at <= 1:

@@ -49,6 +49,10 @@ class TrainState:
     reestimate_batch_norms: Callable[[], int] | None = None
     """Recomputes the running statistics of the batch norms still updating them from training
     data (:mod:`qcompile.qat.batchnorm`); set by the training loop."""
+    synchronize: Callable[[], None] = lambda: None
+    """Makes every process's model rank 0's, parameters and buffers (nothing in a single
+    process): for a schedule that set parameters from what the processes see apart, such as
+    activations computed with each one's own batch-norm running statistics; set by the loop."""
 
     @property
     def total_steps(self) -> int:
@@ -68,6 +72,11 @@ class Schedule:
     """Base of every training schedule; each hook does nothing unless overridden."""
 
     name: str = "schedule"
+    may_leave_parameters_unused: bool = True
+    """Whether a step may run with some of the model's parameters out of the loss (a quantizer
+    switched off). Under ``torchrun`` DDP then looks for such parameters after every backward
+    pass, and warns on every process when it finds none; a schedule that never switches
+    anything off says False."""
 
     def prepare_for_resume(self, state: TrainState) -> None:
         """On resume only: after :meth:`load_state_dict` and before the model's saved

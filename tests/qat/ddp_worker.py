@@ -5,7 +5,8 @@ synchronised them. ``python ddp_worker.py OUT MODE`` writes ``OUT/<MODE>-rank<R>
 and final state dicts, the teacher's, the history records). Modes: ``plain``; ``joint`` (with a
 jointly trained teacher); ``frozen`` and ``frozen-live`` (a frozen teacher, the same on every
 rank, its logits cached or run every step); ``stop`` (rank 0 alone gets SIGINT at step 5);
-``resume`` (continues the stopped run from its checkpoint).
+``resume`` (continues the stopped run from its checkpoint); ``switching`` (weights first, then
+stochastic precision: steps that leave quantizers' parameters out of the loss).
 """
 
 import os
@@ -18,11 +19,13 @@ import qcompile
 from qcompile.data import load_builtin
 from qcompile.errors import TrainingInterrupted
 from qcompile.models import SmallCNN
-from qcompile.qat import Distillation, Schedule
+from qcompile.qat import Distillation, ProgressiveActivations, Schedule, StochasticPrecision
 
 
 class SignalRankZero(Schedule):
     """Sends SIGINT to rank 0's own process as step ``step`` starts (the other rank gets none)."""
+
+    may_leave_parameters_unused = False
 
     def __init__(self, step: int | None):
         self.step = step
@@ -63,6 +66,9 @@ def main(out: str, mode: str) -> None:
     if mode in ("frozen", "frozen-live"):
         teacher = trained_teacher(data)
         settings["distillation"] = Distillation(teacher, cache=mode == "frozen")
+    if mode == "switching":
+        settings["schedules"] = [ProgressiveActivations(0.25), StochasticPrecision(start=0.3)]
+        settings["calib_data"] = [(data.train_x[:64],)]
     if mode in ("plain", "stop", "resume"):
         settings["schedules"] = [SignalRankZero(5 if mode == "stop" else None)]
     try:

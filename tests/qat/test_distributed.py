@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from qcompile.qat.distributed import setup
+import qcompile
+from qcompile.models import SmallCNN
+from qcompile.quant.base import Quantizer
+
+from qcompile.qat.distributed import every_parameter_used, setup
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -48,6 +53,7 @@ def untimed(records: list[dict]) -> list[dict]:
 def test_two_processes_train_one_model(tmp_path):
     result, ranks = torchrun(tmp_path, "plain")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "find_unused_parameters" not in result.stderr  # its one schedule switches nothing off
     first, second = ranks
     assert_equal_states(first["final"], second["final"])
     started_apart = [n for n in first["initial"]
@@ -67,6 +73,16 @@ def test_two_processes_train_one_model(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     saved = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
     assert len(saved["processes"]) == 2 and saved["position"]["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_steps_that_switch_quantizers_off_keep_the_processes_in_step(tmp_path):
+    """Weights-only steps and stochastic precision leave quantizer parameters out of some
+    steps' losses; DDP is told to look for them, and both ranks end alike."""
+    result, (first, second) = torchrun(tmp_path, "switching")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_equal_states(first["final"], second["final"])
+    assert min(record["quantized_fraction"] for record in first["records"]) < 1
 
 
 @pytest.mark.slow
@@ -115,3 +131,66 @@ def test_single_process_is_not_distributed(monkeypatch):
     assert not world.enabled and world.is_main and world.device == torch.device("cpu")
     assert world.all_reduce_sum([1.0, 2.0]) == [1.0, 2.0]
     assert world.any(True) and not world.any(False)
+
+
+def quantized_cnn() -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    return qcompile.quantize(SmallCNN(in_channels=1, classes=10, width=4), (x[:1],), bits=4,
+                             method="lsq", calib_data=[(x,)])
+
+
+def test_every_parameter_of_a_quantized_graph_is_used():
+    assert every_parameter_used(quantized_cnn())
+
+
+def test_a_switched_off_quantizer_may_leave_parameters_unused():
+    gm = quantized_cnn()
+    next(m for m in gm.modules() if isinstance(m, Quantizer)).enabled = False
+    assert not every_parameter_used(gm)
+
+
+class Gated(nn.Module):
+    """A module of the user's: whether its forward uses ``scale`` is up to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x
+
+
+class WithLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.gated = Gated()
+
+    def forward(self, x):
+        return self.gated(self.linear(x))
+
+
+class DeadBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.unused(x)
+        return self.linear(x)
+
+
+def test_modules_off_the_output_or_of_the_users_own_may_leave_parameters_unused():
+    plain = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    assert every_parameter_used(plain)
+    tracer_leaf = torch.fx.Tracer()
+    tracer_leaf.is_leaf_module = lambda m, name: isinstance(m, (Gated, nn.Linear))
+    root = WithLeaf()
+    assert not every_parameter_used(torch.fx.GraphModule(root, tracer_leaf.trace(root)))
+    assert not every_parameter_used(torch.fx.symbolic_trace(DeadBranch()))
+    frozen = torch.fx.symbolic_trace(DeadBranch())
+    frozen.unused.requires_grad_(False)
+    assert every_parameter_used(frozen)
+    assert not every_parameter_used(nn.Linear(4, 4))  # not a graph: cannot tell
