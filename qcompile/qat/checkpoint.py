@@ -87,8 +87,20 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
                    for key in keys if saved.get(key) != current.get(key)]
     if differences:
         raise ConfigError(f"cannot resume from {path}: the run's settings differ "
-                          f"({'; '.join(differences)}); resume with the checkpoint's settings, or "
-                          "start afresh without resume=True (or with another checkpoint_dir)")
+                          f"({'; '.join(differences)}); resume with the checkpoint's settings"
+                          f"{_processes_hint(saved, current)}, or start afresh: without "
+                          "resume=True (CLI: without --resume), or in another checkpoint_dir "
+                          "(CLI: --checkpoint-dir)")
+
+
+def _processes_hint(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """How to start as many processes as the checkpoint's run had, when they differ."""
+    processes = saved.get("world_size")
+    if processes == current.get("world_size") or not isinstance(processes, int):
+        return ""
+    if processes == 1:
+        return " (one process: without torchrun)"
+    return f" ({processes} processes: torchrun --nproc-per-node {processes})"
 
 
 def _difference(key: str, saved, current) -> str:

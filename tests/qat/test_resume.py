@@ -138,6 +138,18 @@ def test_resume_with_other_settings_is_refused(tmp_path, change, key):
         run(tmp_path, InterruptAt(None), resume=True, **change)
 
 
+def test_resume_with_another_number_of_processes_says_how_many_to_start():
+    saved = dict(epochs=EPOCHS, world_size=2)
+    with pytest.raises(ConfigError, match=r"world_size: checkpoint 2, now 1\); resume with the "
+                       r"checkpoint's settings \(2 processes: torchrun --nproc-per-node 2\)"):
+        checkpoint_module.check_fingerprint(saved, {**saved, "world_size": 1}, "x")
+    with pytest.raises(ConfigError, match=r"\(one process: without torchrun\)"):
+        checkpoint_module.check_fingerprint({**saved, "world_size": 1}, saved, "x")
+    with pytest.raises(ConfigError) as other:
+        checkpoint_module.check_fingerprint(saved, {**saved, "epochs": EPOCHS + 1}, "x")
+    assert "torchrun" not in str(other.value)
+
+
 def test_resume_with_other_qn_thresholds_is_refused_and_with_the_same_continues(tmp_path):
     """A run with fixed QN thresholds resumed with learned ones (or the other way) would train
     other parameters than the checkpoint's optimizer holds: refused with the setting named; with
