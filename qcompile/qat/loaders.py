@@ -1,7 +1,9 @@
 """The batches the training loop sees, in an order it owns so that a resumed run is exact.
 
 Training data may be a map-style ``Dataset``, a ``DataLoader`` (its dataset, batch size and
-collate function are taken; the loop re-wraps them) or an ``(inputs, labels)`` pair of tensors.
+collate function are taken; the loop re-wraps them), a list of ``(input, label)`` examples, or an
+``(inputs, labels)`` pair of tensors or NumPy arrays (floating-point arrays become torch's default
+dtype, float32 unless set otherwise, as NumPy's float64 would not meet a float32 model).
 Each epoch's order is a permutation drawn by :class:`~torch.utils.data.DistributedSampler` from a
 generator seeded by ``(seed, epoch)``, and the same sampler shards the data across processes under
 ``torchrun``. Resuming mid-epoch skips the batches already done without loading them.
@@ -10,6 +12,7 @@ generator seeded by ``(seed, epoch)``, and the same sampler shards the data acro
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import (
@@ -49,12 +52,21 @@ def as_source(data, batch_size: int, what: str = "train_data") -> Source:
         if len(data[0]) != len(data[1]):
             raise ConfigError(f"{what}: {len(data[0])} inputs but {len(data[1])} labels")
         source = Source(TensorDataset(data[0], data[1]), batch_size)
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(t, (torch.Tensor, np.ndarray)) for t in data):
+        inputs, labels = (torch.as_tensor(array) for array in data)
+        if isinstance(data[0], np.ndarray) and inputs.is_floating_point():
+            inputs = inputs.to(torch.get_default_dtype())  # NumPy's float64 by default
+        return as_source((inputs, labels), batch_size, what)
     elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         source = Source(data, batch_size)
+    elif isinstance(data, (tuple, list)):
+        source = Source(data, batch_size)  # examples, as torch's DataLoader takes them
     else:
         raise ConfigError(
-            f"{what} must be a map-style Dataset, a DataLoader over one, or an (inputs, labels) "
-            f"pair of tensors, not {type(data).__name__}")
+            f"{what} must be a map-style Dataset, a DataLoader over one, a list of (input, "
+            "label) examples, or an (inputs, labels) pair of tensors or NumPy arrays, not "
+            f"{type(data).__name__}")
     if len(source) == 0:
         raise ConfigError(f"{what} is empty")
     if source.batch_size < 1:

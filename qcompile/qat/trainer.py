@@ -53,7 +53,8 @@ def train(
     """Train the quantized graph ``qmodel`` in place; return the per-epoch :class:`History`.
 
     ``train_data``/``val_data``: a map-style Dataset, a DataLoader over one (its dataset, batch
-    size and collate function are used) or an ``(inputs, labels)`` tensor pair. The loss is
+    size and collate function are used), a list of ``(input, label)`` examples, or an
+    ``(inputs, labels)`` pair of tensors or NumPy arrays (:mod:`.loaders`). The loss is
     cross-entropy, or ``distillation.loss`` when ``teacher=`` (shorthand for
     ``Distillation(teacher)``) or a configured ``distillation=`` is given; a frozen teacher's
     logits of tensor training data are computed once and looked up by index

@@ -81,16 +81,19 @@ def _quantizer_names(model):
     return [name + "." for name, m in model.named_modules() if isinstance(m, Quantizer)]
 
 
-def test_dataloader_dataset_and_tensor_pair_train_alike():
+def test_dataloader_dataset_examples_and_array_pairs_train_alike():
+    """A list of examples and a pair of NumPy arrays (float64, as NumPy makes them) train as
+    the tensors they hold do."""
     x, y = train_pair()
     runs = []
-    for data in [(x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=32)]:
+    for data in [(x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=32),
+                 list(zip(x, y.tolist(), strict=True)), (x.double().numpy(), y.numpy())]:
         qm = quantized_model()
         train(qm, data, epochs=1, batch_size=32 if not isinstance(data, DataLoader) else 999,
               progress=False)
         runs.append(qm)
-    assert_same_weights(runs[0], runs[1])
-    assert_same_weights(runs[0], runs[2])
+    for other in runs[1:]:
+        assert_same_weights(runs[0], other)
     assert not torch.equal(weights(runs[0])["classifier.layer.weight"],
                            weights(quantized_model())["classifier.layer.weight"])
 
@@ -126,6 +129,8 @@ def test_arguments_torch_would_fail_on_later_are_config_errors(bad, fragment):
 
 def test_bad_data_is_a_config_error():
     with pytest.raises(ConfigError, match="Dataset"):
+        train(quantized_model(), {"x": 1}, progress=False)
+    with pytest.raises(ConfigError, match=r"example must be an \(input, label\) pair"):
         train(quantized_model(), [1, 2, 3], progress=False)
     x, y = train_pair()
     with pytest.raises(ConfigError, match="labels"):
