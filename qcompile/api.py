@@ -2,13 +2,20 @@
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils.data import Dataset
 
 from qcompile.errors import ConfigError
 from qcompile.ir import trace
 from qcompile.pipeline import PassContext, PassManager, PassSpec
+from qcompile.quant.calibration import CalibrationData
+
+SINGLE_READ = (torch.Tensor, np.ndarray, Dataset)
+"""``calib_data`` that every pass reads alike as it is (one batch, or a dataset batched in
+order); any other iterable is read once through :class:`CalibrationData`."""
 
 
 def quantize(
@@ -30,7 +37,10 @@ def quantize(
     Runs ``passes`` (default: the ``default`` preset: canonicalize, fold-bn in QAT mode,
     assign-bits, insert-quantizers). ``budget`` switches assign-bits to its sensitivity policy:
     ``{"size": 0.1}`` (fraction of fp32 weight bytes) or ``{"bops": 0.02}``, with optional
-    ``"bits_choices": "2,3,4,8"``. ``calib_data`` is an iterable of input tuples (or tensors).
+    ``"bits_choices": "2,3,4,8"``. ``calib_data``: an iterable of batches of model inputs (tuples
+    or bare tensors; a ``DataLoader``'s ``(inputs, labels)`` batches give their inputs), read
+    once and only as far as calibration goes, or one batch as a tensor, or a ``Dataset``
+    (:func:`~qcompile.quant.calibration.calibration_batches`).
     ``first_last_method`` quantizes the first and last layers with another method than
     ``method`` (``"lsq"``: a learned uniform step for their 8 bits); unset, they take ``method``,
     except that ``"qn"`` quantizes first and last layers of more than 4 bits with LSQ
@@ -40,11 +50,17 @@ def quantize(
                   per_channel=per_channel)
     if first_last_method is not None:
         config["first_last_method"] = first_last_method
+    replay = None
     if calib_data is not None:
-        config["calib_data"] = list(calib_data)
+        replay = calib_data if isinstance(calib_data, SINGLE_READ) else CalibrationData(calib_data)
+        config["calib_data"] = replay
     config.update(_budget_options(budget))
     gm = trace(model, example_inputs, leaf_modules=leaf_modules)
-    return PassManager(passes or "default").run(gm, example_inputs, ctx=ctx, **config)
+    try:
+        return PassManager(passes or "default").run(gm, example_inputs, ctx=ctx, **config)
+    finally:
+        if isinstance(replay, CalibrationData):
+            replay.close()
 
 
 def _budget_options(budget: dict | None) -> dict:

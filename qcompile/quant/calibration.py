@@ -6,10 +6,10 @@ Shared by the ``insert-quantizers`` pass (the first quantizers of a graph) and
 training), so a layer input is calibrated the same way in both.
 """
 
-from collections.abc import Iterable
-
+import numpy as np
 import torch
 from torch import fx, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from qcompile.errors import ConfigError
 from qcompile.quant.base import Quantizer
@@ -21,12 +21,30 @@ BOUNDARY_QUANTIZERS = "boundary_quantizers"
 """The submodule that holds the quantizers of residual-add and cat operands and pool inputs."""
 
 
-def calibration_batches(calib_data: Iterable | None, limit: int = 64) -> list[tuple]:
-    """Batches from ``calib_data`` (tuples of model inputs, or bare tensors) until ``limit``
-    examples are gathered; ``[]`` when there are none."""
+def calibration_batches(calib_data, limit: int = 64, inputs: int | None = None) -> list[tuple]:
+    """Batches of model inputs from ``calib_data`` until ``limit`` examples are gathered; ``[]``
+    when there are none.
+
+    ``calib_data`` is an iterable of batches (a list, a ``DataLoader``), each a tuple of the
+    model's inputs or a bare tensor; a batch that holds more than the model's ``inputs`` (a
+    loader's ``(inputs, labels)``) gives its first ``inputs``. One tensor or NumPy array is a
+    single batch, and a map-style ``Dataset`` is batched here, as iterating either would give
+    examples without their batch dimension. NumPy arrays become tensors, floating-point ones of
+    torch's default dtype (NumPy's float64 would not meet a float32 model)."""
+    if isinstance(calib_data, (torch.Tensor, np.ndarray)):
+        calib_data = [calib_data]
+    elif isinstance(calib_data, Dataset) and not isinstance(calib_data, IterableDataset):
+        calib_data = DataLoader(calib_data, batch_size=min(limit, max(len(calib_data), 1)))
     batches, count = [], 0
-    for batch in calib_data or []:
+    for batch in calib_data if calib_data is not None else []:
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        if inputs is not None and len(batch) < inputs:
+            raise ConfigError(f"a calibration batch holds {len(batch)} tensors and the model "
+                              f"takes {inputs} inputs: give batches of its inputs")
+        batch = tuple(_tensor(value) for value in batch[:inputs])
+        if not batch or not isinstance(batch[0], torch.Tensor) or batch[0].dim() == 0:
+            raise ConfigError("calibration batches are tuples of model input tensors with a "
+                              f"batch dimension (or bare tensors); got {_kinds(batch)}")
         batches.append(batch)
         count += len(batch[0])
         if count >= limit:
@@ -34,10 +52,54 @@ def calibration_batches(calib_data: Iterable | None, limit: int = 64) -> list[tu
     return batches
 
 
+def _tensor(value):
+    if not isinstance(value, np.ndarray):
+        return value
+    tensor = torch.as_tensor(value)
+    return tensor.to(torch.get_default_dtype()) if tensor.is_floating_point() else tensor
+
+
+def _kinds(batch: tuple) -> str:
+    return "(" + ", ".join(type(value).__name__ if not isinstance(value, torch.Tensor)
+                           else f"a tensor of shape {tuple(value.shape)}"
+                           for value in batch) + ")"
+
+
+class CalibrationData:
+    """``calib_data`` read once for every pass that calibrates: batches are drawn from it as
+    the passes ask for them and kept, so each pass sees the same batches (a shuffling loader
+    would give each another draw, and a generator none after the first) and no more of a large
+    loader is read than the passes use (64 examples for the activations, 128 for a sensitivity
+    budget's Hessian estimate, unless the passes are told otherwise). :meth:`close` lets go of
+    the source."""
+
+    def __init__(self, source):
+        self._source = iter(source)
+        self._seen: list = []
+
+    def __iter__(self):
+        index = 0
+        while True:
+            if index == len(self._seen):
+                if self._source is None:
+                    return
+                try:
+                    self._seen.append(next(self._source))
+                except StopIteration:
+                    self._source = None
+                    return
+            yield self._seen[index]
+            index += 1
+
+    def close(self) -> None:
+        self._source = None
+
+
 def batches_for(ctx, limit: int, purpose: str) -> list[tuple]:
     """A pass's calibration batches: up to ``limit`` examples of the pipeline's ``calib_data``,
     else the example inputs (noted in the pass record); ``purpose`` names the user in errors."""
-    batches = calibration_batches(ctx.option("calib_data"), limit)
+    inputs = None if ctx.example_inputs is None else len(ctx.example_inputs)
+    batches = calibration_batches(ctx.option("calib_data"), limit, inputs)
     if batches:
         return batches
     if ctx.example_inputs is None:

@@ -182,7 +182,8 @@ def _build_input_quantizers(gm, rebuild, calib_data, calib_examples) -> None:
 
 
 def _samples(gm, names, calib_data, calib_examples) -> dict[str, torch.Tensor]:
-    batches = calibration_batches(calib_data, calib_examples)
+    inputs = sum(node.op == "placeholder" for node in gm.graph.nodes)
+    batches = calibration_batches(calib_data, calib_examples, inputs)
     if not batches:
         raise ConfigError("no calibration batches to initialize the activation quantizers from: "
                           "pass calib_data, an iterable of model input tuples")

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import qcompile
 from batch_norms import with_batch_statistics
@@ -154,6 +155,43 @@ def test_activation_ranges_come_from_calibration_data():
     large = quantized(model, 100 * torch.randn(8, 1, 28, 28), method="lsq", bits=4)
     step = lambda gm: gm.get_submodule(input_quantizer_nodes(gm)[0].target).step  # noqa: E731
     assert (step(large) > 50 * step(small)).all()
+
+
+def test_calibration_data_comes_in_the_forms_users_hold_it():
+    """A loader's (inputs, labels) batches, one tensor or NumPy array, a Dataset, a generator:
+    each calibrates as the list of input tuples of the same examples does. A shuffling loader
+    and a generator are read once, for every pass that calibrates (input quantizers, then
+    boundaries), and only as far as the passes go."""
+    torch.manual_seed(0)
+    x, labels = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    model = SmallCNN().eval()
+    steps = lambda gm: [m.step for m in gm.modules() if isinstance(m, Quantizer)  # noqa: E731
+                        and hasattr(m, "step") and m.step.numel() == 1]
+    expected = steps(qcompile.quantize(model, (x[:1],), method="lsq", bits=4,
+                                       calib_data=[(x,)]))
+    pairs = TensorDataset(x, labels)
+    forms = {"loader of (inputs, labels)": DataLoader(pairs, batch_size=16),
+             "tensor": x, "float64 array": x.double().numpy(), "dataset": pairs,
+             "generator": ((x[i:i + 16],) for i in range(0, 64, 16))}
+    for form, data in forms.items():
+        got = steps(qcompile.quantize(model, (x[:1],), method="lsq", bits=4, calib_data=data))
+        assert len(got) == len(expected) > 1, form
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, msg=form)
+    drawn = []
+    shuffled = DataLoader(TensorDataset(torch.randn(4096, 1, 28, 28)), batch_size=16,
+                          shuffle=True)
+    reading = ((drawn.append(batch) or batch) for batch in shuffled)
+    qcompile.quantize(model, (x[:1],), method="lsq", bits=4, calib_data=reading)
+    assert len(drawn) == 4  # 64 examples of 4096, the same ones for both passes
+
+
+def test_calibration_batches_that_are_not_model_inputs_are_config_errors():
+    x = torch.randn(8, 1, 28, 28)
+    with pytest.raises(ConfigError, match=r"tuples of model input tensors .* got \(str\)"):
+        qcompile.quantize(SmallCNN().eval(), (x[:1],), bits=4, calib_data=[("images",)])
+    with pytest.raises(ConfigError, match=r"got \(a tensor of shape \(\)\)"):
+        qcompile.quantize(SmallCNN().eval(), (x[:1],), bits=4, calib_data=[torch.tensor(1.0)])
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
