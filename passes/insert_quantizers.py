@@ -25,12 +25,13 @@ from torch import fx, nn
 from qcompile.fused import ConvBatchNorm
 from qcompile.pipeline import PassContext, register_pass
 from qcompile.quant.calibration import (
+    CALIB_EXAMPLES,
     INPUT_QUANTIZERS,
+    batches_for,
     calibrated_activation_quantizer,
     record_inputs,
     set_submodule,
 )
-from qcompile.quant.calibration import batches_for
 from qcompile.quant.layers import LayerSite, float_weight, quantizable_layers
 from qcompile.quant.quantized_layer import QuantizedLayer
 from qcompile.quant.registry import WIDE_EDGE_BITS, get_method, make_quantizer
@@ -130,7 +131,7 @@ def _insert_input_nodes(gm: fx.GraphModule, sites: list[LayerSite],
 
 
 def _calibrate_inputs(gm, inputs: dict[str, fx.Node], ctx: PassContext) -> None:
-    batches = batches_for(ctx, int(ctx.option("calib_examples", 64)), "activation calibration")
+    batches = batches_for(ctx, int(ctx.option("calib_examples", CALIB_EXAMPLES)), "activation calibration")
     seen = record_inputs(gm, list(inputs), batches)
     for name, node in inputs.items():
         bits, method = node.meta["quant_input"]["bits"], node.meta["quant_input"]["method"]

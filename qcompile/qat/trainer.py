@@ -21,6 +21,7 @@ from qcompile.qat.loop import Run, RunConfig
 from qcompile.qat.metrics import History, MetricsLog
 from qcompile.qat.optim import OptimConfig
 from qcompile.qat.state import Schedule
+from qcompile.quant.calibration import CALIB_EXAMPLES, calibration_batches
 
 
 def train(
@@ -63,7 +64,8 @@ def train(
     batch norm at ``lr``; the learning rate follows ``lr_schedule`` per optimizer step. ``schedules`` are
     :class:`Schedule` objects called at their hooks (None: ``default_schedules(qmodel)``,
     temperature annealing and batch-norm freezing where the model has them; pass a list to
-    choose exactly); ``calib_data`` (input batches) is theirs.
+    choose exactly); ``calib_data`` (input batches, in the forms ``qcompile.quantize`` takes;
+    the first 64 examples) is theirs.
 
     With ``checkpoint_dir`` every epoch ends with ``checkpoint_dir/last.pt`` and a line in
     ``metrics.jsonl`` (or ``metrics_path``; a fresh run starts the file afresh), and
@@ -129,7 +131,7 @@ freeze_model_input_quantizers` says why); a quantizer the caller froze stays fro
                                   "subclasses qcompile.qat.Schedule (its hooks, state_dict and "
                                   "load_state_dict)")
         run = Run(qmodel, train_source, val_source, config, list(schedules), distillation, world,
-                  _calibration(calib_data, world.device))
+                  _calibration(calib_data, qmodel, world.device))
         if metrics_path is not None and world.is_main:
             run.metrics = MetricsLog(metrics_path)
         return run.fit(resume)
@@ -137,9 +139,9 @@ freeze_model_input_quantizers` says why); a quantizer the caller froze stays fro
         world.close()
 
 
-def _calibration(calib_data: Iterable | None, device: torch.device) -> list[tuple]:
-    batches = []
-    for item in calib_data or []:
-        item = (item,) if isinstance(item, torch.Tensor) else tuple(item)
-        batches.append(tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in item))
-    return batches
+def _calibration(calib_data, model: fx.GraphModule, device: torch.device) -> list[tuple]:
+    """The batches schedules recalibrate from, on ``device``: as many as the recalibration
+    reads, in the forms :func:`~qcompile.quant.calibration.calibration_batches` takes."""
+    inputs = sum(node.op == "placeholder" for node in model.graph.nodes)
+    return [tuple(t.to(device) for t in batch)
+            for batch in calibration_batches(calib_data, CALIB_EXAMPLES, inputs)]

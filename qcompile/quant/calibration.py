@@ -19,9 +19,11 @@ INPUT_QUANTIZERS = "input_quantizers"
 """The submodule of a quantized graph that holds the quantizer of every layer input."""
 BOUNDARY_QUANTIZERS = "boundary_quantizers"
 """The submodule that holds the quantizers of residual-add and cat operands and pool inputs."""
+CALIB_EXAMPLES = 64
+"""How many examples calibrate activation quantizers unless told otherwise."""
 
 
-def calibration_batches(calib_data, limit: int = 64, inputs: int | None = None) -> list[tuple]:
+def calibration_batches(calib_data, limit: int = CALIB_EXAMPLES, inputs: int | None = None) -> list[tuple]:
     """Batches of model inputs from ``calib_data`` until ``limit`` examples are gathered; ``[]``
     when there are none.
 

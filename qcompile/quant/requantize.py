@@ -23,6 +23,7 @@ from qcompile.errors import ConfigError
 from qcompile.quant.base import Quantizer
 from qcompile.quant.calibration import (
     BOUNDARY_QUANTIZERS,
+    CALIB_EXAMPLES,
     INPUT_QUANTIZERS,
     activation_quantizer,
     calibrated_activation_quantizer,
@@ -40,7 +41,7 @@ def requantize(
     gm: fx.GraphModule,
     bits_for_layer: BitsForLayer,
     calib_data: Iterable | None = None,
-    calib_examples: int = 64,
+    calib_examples: int = CALIB_EXAMPLES,
 ) -> list[str]:
     """Give the quantized layers of ``gm`` new weight and activation bit-widths, in place.
 
@@ -235,7 +236,7 @@ def recalibrate(
     gm: fx.GraphModule,
     calib_data: Iterable,
     names: list[str] | None = None,
-    calib_examples: int = 64,
+    calib_examples: int = CALIB_EXAMPLES,
 ) -> list[str]:
     """Re-initialize activation quantizers in place from the inputs ``calib_data`` now produces.
 

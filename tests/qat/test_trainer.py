@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import qcompile
 from qcompile.errors import ConfigError
 from qcompile.models import SmallCNN
-from qcompile.qat import Distillation, Schedule, train
+from qcompile.qat import Distillation, ProgressiveActivations, Schedule, train
 from qcompile.qat.optim import OptimConfig, parameter_groups
 from qcompile.qat.quantizers import model_input_quantizers
 from qcompile.quant import make_quantizer
@@ -96,6 +96,28 @@ def test_dataloader_dataset_examples_and_array_pairs_train_alike():
         assert_same_weights(runs[0], other)
     assert not torch.equal(weights(runs[0])["classifier.layer.weight"],
                            weights(quantized_model())["classifier.layer.weight"])
+
+
+def test_a_loader_of_labelled_batches_recalibrates_as_its_inputs_do():
+    """calib_data for the schedules in the forms qcompile.quantize takes: a DataLoader's
+    (inputs, labels) batches give their inputs (the labels reached the model as a second
+    input), and only the 64 examples recalibration reads are kept."""
+    x, y = train_pair()
+    runs, kept = [], []
+
+    class Look(Schedule):
+        may_leave_parameters_unused = False
+
+        def on_train_start(self, state):
+            kept.append([tuple(t.shape) for batch in state.calib_data for t in batch])
+
+    for calib in ([(x[:64],)], DataLoader(TensorDataset(x, y), batch_size=16)):
+        qm = quantized_model()
+        train(qm, (x, y), epochs=2, batch_size=32, progress=False, calib_data=calib,
+              schedules=[ProgressiveActivations(0.5), Look()])
+        runs.append(qm)
+    assert_same_weights(runs[0], runs[1])
+    assert kept[1] == [(16, *x.shape[1:])] * 4 and len(x) > 64
 
 
 @pytest.mark.parametrize("bad, fragment", [
