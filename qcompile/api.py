@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from qcompile.errors import ConfigError
 from qcompile.ir import trace
+from qcompile.ir.trace import example_tuple
 from qcompile.pipeline import PassContext, PassManager, PassSpec
 from qcompile.quant.calibration import CalibrationData
 
@@ -55,6 +56,7 @@ def quantize(
         replay = calib_data if isinstance(calib_data, SINGLE_READ) else CalibrationData(calib_data)
         config["calib_data"] = replay
     config.update(_budget_options(budget))
+    example_inputs = example_tuple(example_inputs)
     gm = trace(model, example_inputs, leaf_modules=leaf_modules)
     try:
         return PassManager(passes or "default").run(gm, example_inputs, ctx=ctx, **config)

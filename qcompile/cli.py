@@ -27,7 +27,12 @@ import torch.fx as fx
 from qcompile import training_run
 from qcompile.backends.onnx import FORMATS as ONNX_FORMATS
 from qcompile.backends.onnx import export_onnx
-from qcompile.errors import ConfigError, QcompileError, TraceError, TrainingInterrupted
+from qcompile.errors import (
+    ConfigError,
+    InputError,
+    QcompileError,
+    TrainingInterrupted,
+)
 from qcompile.graph_folder import OUTPUT_CLASS, write_graph_folder
 from qcompile.ir import trace
 from qcompile.loading import load_model
@@ -231,7 +236,7 @@ def _compile(argv: list[str], write: bool) -> int:
     hint = ("check --input-shape" if data is None or args.input_shape else
             f"the inputs of --data {data.name} are {'x'.join(map(str, shape[1:]))}: give data "
             "the model takes")
-    gm = _trace(loaded.module, example, leaves, shape, hint)
+    gm = _trace(loaded.module, example, leaves, hint)
     options = _quantization_options(args)
     if data is not None:
         calibration = training_run.calibration_batches(data, args.batch_size)
@@ -287,17 +292,11 @@ def _quantization_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _trace(model, example, leaves, shape, hint: str) -> fx.GraphModule:
+def _trace(model, example, leaves, hint: str) -> fx.GraphModule:
     try:
         return trace(model, example, leaf_modules=leaves)
-    except TraceError:
-        raise
-    except Exception as error:
-        cause = error.__cause__ or error
-        raise ConfigError(
-            f"the model does not run on an input of shape {'x'.join(map(str, shape))}: "
-            f"{type(cause).__name__}: {cause}; {hint}"
-        ) from error
+    except InputError as error:
+        raise ConfigError(f"{error}; {hint}") from error
 
 
 def _traceback_requested() -> bool:

@@ -43,7 +43,8 @@ class ArtifactError(QcompileError):
 
 
 class InputError(QcompileError):
-    """An input given to a compiled model has the wrong shape or dtype."""
+    """An input has a shape or dtype the model cannot take: an example input to trace with, or
+    an input given to a compiled model."""
 
 
 class TrainingInterrupted(QcompileError):

@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from qcompile.errors import PassError, PipelineError, QcompileError
 from qcompile.ir.shapes import propagate_shapes
+from qcompile.ir.trace import example_tuple
 
 log = logging.getLogger("qcompile.pipeline")
 
@@ -239,9 +240,10 @@ class PassManager:
     ) -> fx.GraphModule:
         """Run every pass on a copy of ``gm`` and return the result; ``gm`` itself is left alone."""
         if ctx is None:
-            ctx = PassContext(tuple(example_inputs) if example_inputs is not None else None)
+            ctx = PassContext(example_tuple(example_inputs) if example_inputs is not None
+                              else None)
         elif example_inputs is not None:
-            ctx.example_inputs = tuple(example_inputs)
+            ctx.example_inputs = example_tuple(example_inputs)
         ctx.config.update(config)
         gm = copy.deepcopy(gm)
         for index, step in enumerate(self.steps):

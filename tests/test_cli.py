@@ -277,7 +277,8 @@ def test_bits_reach_the_pipeline_and_the_table(tmp_path, small_weights, monkeypa
         (["--input-shape", "1,three"], "--input-shape: expected comma-separated"),
         (["--input-shape", "1,0,4"], "--input-shape: expected comma-separated"),
         ([], "pass --input-shape"),
-        (["--input-shape", "1,5,16,16"], "does not run on an input of shape 1x5x16x16"),
+        (["--input-shape", "1,5,16,16"], "does not run on its example inputs (1x5x16x16) at "
+         "'conv1' (Conv2d): RuntimeError: Given groups=1"),
         (["--passes", "fold-bn{", "--input-shape", SMALL_SHAPE], "cannot parse pipeline"),
         (["--print-after", "quantize", "--input-shape", SMALL_SHAPE], "print_after"),
         (["--leaf", "Nothing", "--input-shape", SMALL_SHAPE], "--leaf 'Nothing'"),

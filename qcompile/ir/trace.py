@@ -7,14 +7,16 @@ stopped it, and what to do about it.
 """
 
 import os
+import re
 import traceback
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
-from qcompile.errors import TraceError
+from qcompile.errors import InputError, TraceError
 from qcompile.ir.shapes import propagate_shapes
 
 QUANTIZABLE_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -87,8 +89,57 @@ def trace(
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm.train(model.training)
     if example_inputs is not None:
-        propagate_shapes(gm, tuple(example_inputs))
+        inputs = example_tuple(example_inputs)
+        _check_input_count(gm, inputs)
+        try:
+            propagate_shapes(gm, inputs)
+        except Exception as error:
+            raise _input_error(error, gm, inputs) from error
     return gm
+
+
+def example_tuple(example_inputs) -> tuple:
+    """``example_inputs`` as the tuple of the model's inputs: one tensor (or NumPy array) is the
+    only input, as a tensor would otherwise be unpacked along its batch dimension; NumPy arrays
+    become tensors, floating-point ones of torch's default dtype (NumPy makes float64)."""
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
+        example_inputs = (example_inputs,)
+    return tuple(_tensor(value) for value in example_inputs)
+
+
+def _tensor(value):
+    if not isinstance(value, np.ndarray):
+        return value
+    tensor = torch.as_tensor(value)
+    return tensor.to(torch.get_default_dtype()) if tensor.is_floating_point() else tensor
+
+
+def _check_input_count(gm: fx.GraphModule, inputs: tuple) -> None:
+    """fx runs a graph on too many inputs by dropping the rest: say so instead."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    required = [node for node in placeholders if not node.args]  # args hold a default
+    if not len(required) <= len(inputs) <= len(placeholders):
+        names = ", ".join(node.target for node in placeholders)
+        takes = (f"{len(placeholders)}" if len(required) == len(placeholders)
+                 else f"{len(required)} to {len(placeholders)}")
+        raise InputError(f"{gm.__class__.__name__} takes {takes} input(s) ({names}); got "
+                         f"{len(inputs)} example inputs")
+
+
+def _input_error(error: Exception, gm: fx.GraphModule, inputs: tuple) -> InputError:
+    """The model failed on its example inputs: where (ShapeProp names the node) and why."""
+    cause = error.__cause__ or error
+    found = re.search(r"node=%(\w+)", str(error)) if cause is not error else None
+    node = next((n for n in gm.graph.nodes if found and n.name == found.group(1)), None)
+    where = ""
+    if node is not None and node.op == "call_module":
+        where = f" at '{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
+    elif node is not None:
+        where = f" at {node.op} {getattr(node.target, '__name__', node.target)}"
+    shapes = ", ".join("x".join(map(str, v.shape)) if isinstance(v, torch.Tensor)
+                       else type(v).__name__ for v in inputs)
+    return InputError(f"{gm.__class__.__name__} does not run on its example inputs ({shapes})"
+                      f"{where}: {type(cause).__name__}: {_first_line(cause)}")
 
 
 def _copy_model(model: nn.Module) -> nn.Module:

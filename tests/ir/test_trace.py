@@ -6,7 +6,7 @@ from torch import nn
 import pytest
 
 import qcompile
-from qcompile.errors import TraceError
+from qcompile.errors import InputError, TraceError
 from qcompile.ir import QcompileTracer, output_shape
 
 
@@ -108,3 +108,33 @@ def test_tracer_leaf_types_include_registered_types():
 def test_trace_rejects_non_modules():
     with pytest.raises(TraceError, match="needs an nn.Module"):
         qcompile.trace(lambda x: x)
+
+
+def test_example_inputs_may_be_one_tensor_or_numpy_arrays():
+    """A bare tensor is the one input (not unpacked along its batch); a float64 NumPy array is a
+    float32 tensor, as a float32 model takes."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.randn(5, 1, 4, 4)
+    for example in (x, x.double().numpy(), [x.numpy()]):
+        gm = qcompile.trace(model, example)
+        last = [n for n in gm.graph.nodes if n.op == "call_module"][-1]
+        assert output_shape(last) == (5, 3)
+
+
+def test_example_inputs_the_model_does_not_run_on_say_where():
+    model = torchvision.models.resnet18().eval()
+    with pytest.raises(InputError, match=r"ResNet does not run on its example inputs "
+                       r"\(1x1x64x64\) at 'conv1' \(Conv2d\): RuntimeError: Given groups=1"):
+        qcompile.trace(model, (torch.randn(1, 1, 64, 64),))
+    with pytest.raises(InputError, match=r"takes 1 input\(s\) \(x\); got 2 example inputs"):
+        qcompile.trace(model, (torch.randn(1, 3, 64, 64),) * 2)
+
+    class Scaled(nn.Module):
+        def forward(self, x, scale: float = 2.0):
+            return x * scale
+
+    for example in ((torch.randn(2),), (torch.randn(2), torch.randn(2))):
+        gm = qcompile.trace(Scaled(), example)
+        assert output_shape([n for n in gm.graph.nodes if n.op == "output"][0].args[0]) == (2,)
+    with pytest.raises(InputError, match=r"takes 1 to 2 input\(s\) \(x, scale\); got 0"):
+        qcompile.trace(Scaled(), ())
