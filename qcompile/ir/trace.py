@@ -104,10 +104,12 @@ def example_tuple(example_inputs) -> tuple:
     become tensors, floating-point ones of torch's default dtype (NumPy makes float64)."""
     if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
         example_inputs = (example_inputs,)
-    return tuple(_tensor(value) for value in example_inputs)
+    return tuple(from_numpy(value) for value in example_inputs)
 
 
-def _tensor(value):
+def from_numpy(value):
+    """A NumPy array as a tensor, floating-point ones of torch's default dtype (NumPy's float64
+    would not meet a float32 model); anything else as it is."""
     if not isinstance(value, np.ndarray):
         return value
     tensor = torch.as_tensor(value)

@@ -26,6 +26,7 @@ from torch.utils.data import (
 )
 
 from qcompile.errors import ConfigError
+from qcompile.ir.trace import from_numpy
 
 
 @dataclass
@@ -54,10 +55,7 @@ def as_source(data, batch_size: int, what: str = "train_data") -> Source:
         source = Source(TensorDataset(data[0], data[1]), batch_size)
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(
             isinstance(t, (torch.Tensor, np.ndarray)) for t in data):
-        inputs, labels = (torch.as_tensor(array) for array in data)
-        if isinstance(data[0], np.ndarray) and inputs.is_floating_point():
-            inputs = inputs.to(torch.get_default_dtype())  # NumPy's float64 by default
-        return as_source((inputs, labels), batch_size, what)
+        return as_source(tuple(from_numpy(array) for array in data), batch_size, what)
     elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         source = Source(data, batch_size)
     elif isinstance(data, (tuple, list)):

@@ -12,6 +12,7 @@ from torch import fx, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from qcompile.errors import ConfigError
+from qcompile.ir.trace import from_numpy
 from qcompile.quant.base import Quantizer
 from qcompile.quant.registry import make_quantizer
 
@@ -43,7 +44,7 @@ def calibration_batches(calib_data, limit: int = CALIB_EXAMPLES, inputs: int | N
         if inputs is not None and len(batch) < inputs:
             raise ConfigError(f"a calibration batch holds {len(batch)} tensors and the model "
                               f"takes {inputs} inputs: give batches of its inputs")
-        batch = tuple(_tensor(value) for value in batch[:inputs])
+        batch = tuple(from_numpy(value) for value in batch[:inputs])
         if not batch or not isinstance(batch[0], torch.Tensor) or batch[0].dim() == 0:
             raise ConfigError("calibration batches are tuples of model input tensors with a "
                               f"batch dimension (or bare tensors); got {_kinds(batch)}")
@@ -52,13 +53,6 @@ def calibration_batches(calib_data, limit: int = CALIB_EXAMPLES, inputs: int | N
         if count >= limit:
             break
     return batches
-
-
-def _tensor(value):
-    if not isinstance(value, np.ndarray):
-        return value
-    tensor = torch.as_tensor(value)
-    return tensor.to(torch.get_default_dtype()) if tensor.is_floating_point() else tensor
 
 
 def _kinds(batch: tuple) -> str:
