@@ -36,6 +36,21 @@ def checkpoint_path(directory: str | os.PathLike) -> Path:
     return Path(directory) / FILENAME
 
 
+def writable_folder(folder: Path, what: str) -> None:
+    """Make ``folder`` (and its parents) unless it exists, and check that files can be written
+    there: before the first step, so that no epoch is trained only to find it cannot be saved."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what} {folder} is a file; give a folder (made if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{what} {folder}: cannot make that folder ({error.strerror}); give "
+                          "a folder qcompile can write to") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {folder}: that folder is not writable; give a folder "
+                          "qcompile can write to")
+
+
 def save(path: Path, checkpoint: dict[str, Any]) -> None:
     """Write ``checkpoint`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,8 @@ freeze_model_input_quantizers` says why); a quantizer the caller froze stays fro
                           f"a {type(qmodel).__name__}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
     if grad_clip is not None and grad_clip < 0:
         raise ConfigError(f"grad_clip must be positive (or None to disable), got {grad_clip!r}")
     if not isinstance(bn_reestimation, int) or bn_reestimation < 0:
@@ -132,6 +134,11 @@ freeze_model_input_quantizers` says why); a quantizer the caller froze stays fro
                                   "load_state_dict)")
         run = Run(qmodel, train_source, val_source, config, list(schedules), distillation, world,
                   _calibration(calib_data, qmodel, world.device))
+        if world.is_main:
+            for folder, what in ((checkpoint_dir, "checkpoint_dir"),
+                                 (metrics_path and Path(metrics_path).parent, "metrics_path")):
+                if folder is not None:
+                    checkpoint.writable_folder(Path(folder), what)
         if metrics_path is not None and world.is_main:
             run.metrics = MetricsLog(metrics_path)
         return run.fit(resume)

@@ -126,6 +126,7 @@ def test_a_loader_of_labelled_batches_recalibrates_as_its_inputs_do():
     (dict(epochs=0), "epochs"),
     (dict(lr=-1.0), "lr"),
     (dict(resume=True), "checkpoint_dir"),
+    (dict(seed="7"), "seed must be an integer, got '7'"),
 ])
 def test_bad_settings_are_config_errors(bad, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -350,3 +351,26 @@ def test_a_rebuilt_lr_schedule_continues_where_it_was(schedule):
         return [record["lr"] for record in history.records]
 
     assert lrs([Rebuild()]) == pytest.approx(lrs([]), rel=1e-12)
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_fails_before_the_first_step(tmp_path):
+    """A file where the folder should be, or a folder that cannot be made: said before any
+    training (the first checkpoint, an epoch later, raised the OS error and lost the epoch)."""
+    (tmp_path / "taken").write_text("")
+    started = []
+
+    class Started(Schedule):
+        may_leave_parameters_unused = False
+
+        def on_train_start(self, state):
+            started.append(True)
+
+    settings = dict(epochs=1, progress=False, schedules=[Started()])
+    with pytest.raises(ConfigError, match=r"checkpoint_dir \S+taken is a file; give a folder"):
+        train(quantized_model(), train_pair(), checkpoint_dir=tmp_path / "taken", **settings)
+    with pytest.raises(ConfigError, match=r"metrics_path \S+: cannot make that folder"):
+        train(quantized_model(), train_pair(), metrics_path=tmp_path / "taken" / "m" / "x.jsonl",
+              **settings)
+    assert not started
+    train(quantized_model(), train_pair(), checkpoint_dir=tmp_path / "new" / "run", **settings)
+    assert started and (tmp_path / "new" / "run" / "last.pt").is_file()
