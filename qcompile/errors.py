@@ -47,6 +47,11 @@ class InputError(QcompileError):
     an input given to a compiled model."""
 
 
+class CheckpointError(QcompileError):
+    """A training checkpoint cannot be written (a full disk, a folder gone); the last complete
+    one, if any, is kept."""
+
+
 class TrainingInterrupted(QcompileError):
     """Training was stopped (Ctrl-C, SIGTERM); ``checkpoint`` is where progress was saved, if any.
 

@@ -15,7 +15,7 @@ resumed run retrace the interrupted one exactly:
 import logging
 import time
 
-from qcompile.errors import ConfigError
+from qcompile.errors import CheckpointError, ConfigError
 from qcompile.qat import checkpoint
 from qcompile.qat.metrics import EpochMeter, History
 from qcompile.qat.state import noticing_parameter_changes
@@ -54,24 +54,45 @@ class Session:
         """Write the checkpoint (rank 0; every process sends its RNG states and running sums)."""
         processes = self.world.all_gather(dict(rng=checkpoint.rng_state(),
                                                meter=self.meter.state_dict()))
+        failure = None
         if self.world.is_main:
-            state = self.state
-            schedules = self.before_hooks or self.schedule_states()
-            self.history.seconds = self.elapsed()
-            checkpoint.save(self.config.checkpoint, dict(
-                fingerprint=self.fingerprint(),
-                position=dict(epoch=state.epoch, batch=state.batch, step=state.step,
-                              opened=self.opened),
-                model=self.model.state_dict(),
-                module_settings=checkpoint.module_settings(self.model),
-                distillation=self._distillation_state(),
-                optimizer=self.optimizer.state_dict(),
-                lr_schedule=self.lr_schedule.state_dict(),
-                schedules=schedules,
-                processes=processes,
-                history=self.history.state_dict(),
-            ))
+            try:
+                self._write(processes)
+            except OSError as error:
+                failure = error
+        if self.world.any(failure is not None):
+            raise self._unsaved(failure)
         self.world.barrier()
+
+    def _unsaved(self, failure: OSError | None) -> CheckpointError:
+        """The error that stops a run whose checkpoint could not be written (on rank 0: why)."""
+        path, state = self.config.checkpoint, self.state
+        reason = (f"{failure.strerror or failure}" if failure is not None
+                  else "on the first process")
+        kept = (f"the last complete checkpoint {path} is kept: once it can be written, run "
+                "again with resume=True (CLI: --resume) to continue from it" if path.is_file()
+                else "no checkpoint was saved before")
+        where = (f"after epoch {state.epoch}/{state.epochs}" if state.batch == 0 else
+                 f"in epoch {state.epoch + 1}/{state.epochs}, batch {state.batch}")
+        return CheckpointError(f"cannot write the checkpoint {path} {where} ({reason}); {kept}")
+
+    def _write(self, processes: list) -> None:
+        state = self.state
+        schedules = self.before_hooks or self.schedule_states()
+        self.history.seconds = self.elapsed()
+        checkpoint.save(self.config.checkpoint, dict(
+            fingerprint=self.fingerprint(),
+            position=dict(epoch=state.epoch, batch=state.batch, step=state.step,
+                          opened=self.opened),
+            model=self.model.state_dict(),
+            module_settings=checkpoint.module_settings(self.model),
+            distillation=self._distillation_state(),
+            optimizer=self.optimizer.state_dict(),
+            lr_schedule=self.lr_schedule.state_dict(),
+            schedules=schedules,
+            processes=processes,
+            history=self.history.state_dict(),
+        ))
 
     def resume(self) -> None:
         path = self.config.checkpoint

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from qcompile.errors import ConfigError, TrainingInterrupted
+from qcompile.errors import CheckpointError, ConfigError, TrainingInterrupted
 from qcompile.qat import (Distillation, FreezeBatchNorm, ProgressiveActivations, ProgressiveBits,
                           Schedule, StochasticPrecision, TemperatureAnnealing, train)
 from qcompile.qat import checkpoint as checkpoint_module
@@ -122,6 +122,31 @@ def test_interrupt_without_checkpoint_dir_says_progress_is_lost():
     assert stopped.value.checkpoint is None
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_the_last_one_resumes(
+        tmp_path, monkeypatch, uninterrupted):
+    """The disk fills after the first epoch: the run stops with the reason and the kept
+    checkpoint (it ended with the OS error, in the CLI an internal error), and resumes from
+    that checkpoint to the uninterrupted run's weights."""
+    write = checkpoint_module.save
+    writes = []
+
+    def full_after_one(path, state):
+        writes.append(state["position"]["epoch"])
+        if len(writes) > 1:
+            raise OSError(28, "No space left on device")
+        write(path, state)
+
+    monkeypatch.setattr(checkpoint_module, "save", full_after_one)
+    with pytest.raises(CheckpointError, match=r"cannot write the checkpoint \S+last.pt after "
+                       r"epoch 2/3 \(No space left on device\); the last complete checkpoint "
+                       r"\S+ is kept: .* resume=True"):
+        run(tmp_path)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["position"]["epoch"] == 1
+    monkeypatch.setattr(checkpoint_module, "save", write)
+    model, _ = run(tmp_path, resume=True)
+    assert_same_weights(model, uninterrupted[0])
+
+
 def test_resuming_a_finished_run_trains_no_more(tmp_path):
     model, history = run(tmp_path)
     again, resumed = run(tmp_path, resume=True)
@@ -225,7 +250,7 @@ def test_a_failed_write_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"\(disk full\); the last complete checkpoint"):
         run(tmp_path, epochs=1)
     assert (tmp_path / "last.pt").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.jsonl"]
