@@ -36,6 +36,24 @@ def checkpoint_path(directory: str | os.PathLike) -> Path:
     return Path(directory) / FILENAME
 
 
+def unfinished_run(path: Path) -> str | None:
+    """Where the run whose checkpoint is at ``path`` stopped ("after epoch 2/8", "in epoch 3/8,
+    batch 5"), if it did not finish; None when there is no checkpoint, it is of a finished run,
+    or not ours."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        position, epochs = saved["position"], saved["fingerprint"]["epochs"]
+    except Exception:
+        return None
+    if position["epoch"] >= epochs:
+        return None
+    if position["batch"]:
+        return f"in epoch {position['epoch'] + 1}/{epochs}, batch {position['batch']}"
+    return f"after epoch {position['epoch']}/{epochs}"
+
+
 def writable_folder(folder: Path, what: str) -> None:
     """Make ``folder`` (and its parents) unless it exists, and check that files can be written
     there: before the first step, so that no epoch is trained only to find it cannot be saved."""

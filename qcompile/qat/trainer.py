@@ -134,16 +134,33 @@ freeze_model_input_quantizers` says why); a quantizer the caller froze stays fro
                                   "load_state_dict)")
         run = Run(qmodel, train_source, val_source, config, list(schedules), distillation, world,
                   _calibration(calib_data, qmodel, world.device))
-        if world.is_main:
-            for folder, what in ((checkpoint_dir, "checkpoint_dir"),
-                                 (metrics_path and Path(metrics_path).parent, "metrics_path")):
-                if folder is not None:
-                    checkpoint.writable_folder(Path(folder), what)
+        problem = _output_problem(config.checkpoint, metrics_path, resume) if world.is_main else None
+        if world.any(problem is not None):
+            raise ConfigError(problem or "the first process cannot start this run: see its error")
         if metrics_path is not None and world.is_main:
             run.metrics = MetricsLog(metrics_path)
         return run.fit(resume)
     finally:
         world.close()
+
+
+def _output_problem(path: Path | None, metrics_path, resume: bool) -> str | None:
+    """What keeps the run from writing its checkpoint and metrics, said before the first step
+    (None: nothing): a folder that cannot be made or written, or, on a fresh run, a checkpoint
+    of an unfinished run that the first epoch's would overwrite."""
+    try:
+        for folder, what in ((path and path.parent, "checkpoint_dir"),
+                             (metrics_path and Path(metrics_path).parent, "metrics_path")):
+            if folder is not None:
+                checkpoint.writable_folder(folder, what)
+    except ConfigError as error:
+        return str(error)
+    stopped = None if path is None or resume else checkpoint.unfinished_run(path)
+    if stopped is None:
+        return None
+    return (f"{path} holds an unfinished run (stopped {stopped}), which a fresh run would "
+            "overwrite: continue it with resume=True (CLI: --resume), or start afresh in another "
+            "checkpoint_dir (CLI: --checkpoint-dir) or once that file is deleted")
 
 
 def _calibration(calib_data, model: fx.GraphModule, device: torch.device) -> list[tuple]:

@@ -147,6 +147,23 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_the_last_one_resu
     assert_same_weights(model, uninterrupted[0])
 
 
+def test_a_fresh_run_does_not_overwrite_an_unfinished_ones_checkpoint(tmp_path):
+    """Run again without resume=True after an interruption, the first epoch's checkpoint
+    would have replaced the interrupted run's: refused before any training, saying where it
+    stopped; resumed, it finishes, and then a fresh run may take the folder."""
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path, InterruptAt(STEPS_PER_EPOCH + 2))
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"last.pt holds an unfinished run \(stopped in epoch "
+                       r"2/3, batch 2\), which a fresh run would overwrite: continue it with "
+                       r"resume=True \(CLI: --resume\)"):
+        run(tmp_path, InterruptAt(None))
+    assert (tmp_path / "last.pt").read_bytes() == before
+    run(tmp_path, InterruptAt(None), resume=True)
+    _, history = run(tmp_path)
+    assert [record["epoch"] for record in history.records] == [1, 2, 3]
+
+
 def test_resuming_a_finished_run_trains_no_more(tmp_path):
     model, history = run(tmp_path)
     again, resumed = run(tmp_path, resume=True)
