@@ -217,6 +217,7 @@ def _compile(argv: list[str], write: bool) -> int:
         load_plugin(plugin)
     manager = PassManager(args.passes, print_after=args.print_after)
     training_run.check_training_flags(args)
+    _check_outputs(args)
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     channels = training_run.input_channels(loaded.module,
                                            args.input_shape or loaded.example_input_shape)
@@ -251,15 +252,39 @@ def _compile(argv: list[str], write: bool) -> int:
     print(format_table(layer_report(result)))
     if not write:
         return 0
-    if args.out is not None and args.out.suffix == ".qc":
-        _write_artifact(result, args.out, args.target, example)
-    elif args.out is not None:
-        write_graph_folder(result, args.out, example)
-        print(f"wrote {args.out} (from {args.out.name} import {OUTPUT_CLASS}; call .eval())")
-    if args.export_onnx is not None:
-        export_onnx(result, args.export_onnx, example, format=args.onnx_format)
-        print(f"wrote {args.export_onnx} (ONNX, {args.onnx_format})")
+    with training_run.trained_model_kept(args if data is not None else None):
+        if args.out is not None and args.out.suffix == ".qc":
+            _write_artifact(result, args.out, args.target, example)
+        elif args.out is not None:
+            write_graph_folder(result, args.out, example)
+            print(f"wrote {args.out} (from {args.out.name} import {OUTPUT_CLASS}; call .eval())")
+        if args.export_onnx is not None:
+            export_onnx(result, args.export_onnx, example, format=args.onnx_format)
+            print(f"wrote {args.export_onnx} (ONNX, {args.onnx_format})")
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Where ``--out`` and ``--export-onnx`` write, and ``--target`` for a ``.qc``, checked
+    before anything runs, so that no training run ends in an output it cannot write. ``--out``
+    makes missing folders above it; the ONNX file's folder must exist."""
+    for flag, path in (("--out", args.out), ("--export-onnx", args.export_onnx)):
+        if path is None:
+            continue
+        if (flag == "--export-onnx" or path.suffix == ".qc") and path.is_dir():
+            raise ConfigError(f"{flag} {path} is a folder; give the path of the file to write")
+        folder = path.parent
+        if flag == "--export-onnx" and not folder.is_dir():
+            raise ConfigError(f"{flag} {path}: the folder {folder} does not exist; create it "
+                              "first")
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {path}: {existing} is not a folder qcompile can write "
+                              "in")
+    if args.out is not None and args.out.suffix == ".qc":
+        from qcompile.backends.tvm.target import resolve_target
+
+        resolve_target(args.target)
 
 
 def _write_artifact(result: fx.GraphModule, path: Path, target: str, example: tuple) -> None:

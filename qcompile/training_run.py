@@ -7,13 +7,15 @@ same quantized graph and continues from the run's checkpoint.
 """
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 
 from qcompile.data import Datasets, load_data
-from qcompile.errors import ConfigError
+from qcompile.errors import ConfigError, QcompileError, TrainingInterrupted
 
 CALIBRATION_EXAMPLES = 256
 PROGRESSIVE_CHOICES = ("bits", "weights-first", "both")
@@ -114,6 +116,29 @@ def check_progressive(args: argparse.Namespace) -> None:
         raise ConfigError("--progressive bits and a mixed-precision budget do not combine")
 
 
+def checkpoint_dir(args: argparse.Namespace) -> Path:
+    """Where the run's checkpoints go: ``--checkpoint-dir``, else MODEL's name + ``.qat``."""
+    return args.checkpoint_dir or Path(f"{Path(args.model).stem}.qat")
+
+
+@contextlib.contextmanager
+def trained_model_kept(args: argparse.Namespace | None) -> Iterator[None]:
+    """Around what the command writes after training (``args`` None: nothing was trained): an
+    error or Ctrl-C there also says that the trained model is in the run's checkpoint, from
+    which ``--resume`` writes the outputs without training again."""
+    try:
+        yield
+    except (QcompileError, KeyboardInterrupt) as error:
+        if args is None or isinstance(error, TrainingInterrupted):
+            raise
+        kept = (f"the trained model is kept in {checkpoint_dir(args)}: run again with --resume "
+                "to write the outputs without training again")
+        if isinstance(error, KeyboardInterrupt):
+            raise TrainingInterrupted(f"interrupted after training; {kept}") from None
+        error.args = (f"{error}; {kept}",)
+        raise
+
+
 def run_training(args, float_model: fx.GraphModule, quantized: fx.GraphModule, data: Datasets,
                  calibration) -> None:
     from qcompile.qat import (
@@ -137,7 +162,7 @@ def run_training(args, float_model: fx.GraphModule, quantized: fx.GraphModule, d
         schedules.append(ProgressiveActivations())
     if args.stochastic_precision:
         schedules.append(StochasticPrecision())
-    checkpoints = args.checkpoint_dir or Path(f"{Path(args.model).stem}.qat")
+    checkpoints = checkpoint_dir(args)
     float_accuracy = accuracy(float_model, data.val, args.batch_size)
     history = train(quantized, data.train, data.val, epochs=args.epochs, lr=args.lr,
                     batch_size=args.batch_size, teacher=float_model if args.distill else None,

@@ -223,3 +223,53 @@ def test_data_of_a_form_the_model_does_not_take_names_the_data(tmp_path, capsys)
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and f"the inputs of --data {flat} are 64: give data the model takes" in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("outputs, fragment", [
+    (["--export-onnx", "missing/m.onnx"], "--export-onnx missing/m.onnx: the folder missing "
+                                          "does not exist"),
+    (["--export-onnx", "."], "--export-onnx . is a folder"),
+    (["--out", "taken/m.qc"], "--out taken/m.qc: taken is not a folder qcompile can write in"),
+    (["--out", "m.qc", "--target", "tpu"], "unknown target 'tpu'"),
+])
+def test_outputs_that_cannot_be_written_fail_before_training(tmp_path, monkeypatch, capsys,
+                                                             outputs, fragment):
+    """Each of these was found only once training had ended."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("")
+    code = cli.main(command(tmp_path, "--epochs", "1", *outputs)[3:])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and fragment in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_output_that_fails_after_training_says_resume_writes_it(tmp_path, monkeypatch,
+                                                                   capsys):
+    """The run's checkpoint holds the trained model: --resume writes the outputs from it
+    without training again."""
+    monkeypatch.chdir(tmp_path)
+    args = command(tmp_path, "--epochs", "1", "--export-onnx", "m.onnx")[3:]
+
+    def broken(*_, **__):
+        raise cli.ConfigError("the exporter failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "export_onnx", broken)
+        assert cli.main(args) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert line == ("qcompile: error: the exporter failed; the trained model is kept in run: "
+                    "run again with --resume to write the outputs without training again")
+    trained = (tmp_path / "run" / "last.pt").read_bytes()
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "export_onnx", stopped)
+        assert cli.main([*args, "--resume"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "qcompile: error: interrupted after training; the trained model is kept in run: run "
+        "again with --resume to write the outputs without training again")
+    assert cli.main([*args, "--resume"]) == 0
+    assert (tmp_path / "m.onnx").is_file()
+    assert (tmp_path / "run" / "last.pt").read_bytes() == trained  # no step taken
