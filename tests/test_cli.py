@@ -211,7 +211,7 @@ def test_output_whose_parent_is_a_file_leaves_nothing(tmp_path, small_weights):
     out = tmp_path / "blocker" / "model"
     result = run_cli("small.pt", "--arch", SMALL_ARCH, "--input-shape", SMALL_SHAPE,
                      "--out", out, cwd=tmp_path)
-    assert_one_line_error(result, "cannot write the graph")
+    assert_one_line_error(result, "blocker is not a folder qcompile can write in")
     assert (tmp_path / "blocker").read_text() == "a file, not a folder"
     assert leftovers(tmp_path, "blocker") == []
 
