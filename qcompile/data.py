@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from qcompile.errors import ConfigError
 
 DATA_FORMS = ("mnist5k", "digits", "imagefolder:PATH",
-              "PATH.npz (arrays x, y, or x_train, y_train, x_test, y_test)")
+              "PATH.npz (arrays x, y, or x_train, y_train with x_test, y_test or x_val, y_val)")
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
 
     ``imagefolder:PATH`` uses ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) when both exist,
     else splits ``PATH`` itself; images are RGB tensors in [0, 1] resized to ``image_size``
-    (default: the size of the first image). A ``.npz`` holds ``x_train, y_train, x_test, y_test``
-    or ``x, y``; uint8 inputs are scaled to [0, 1] and (N, H, W) gets a channel axis. Splits are
+    (default: the size of the first image). A ``.npz`` holds ``x_train, y_train`` (or ``x, y``)
+    and ``x_test, y_test`` (or ``x_val, y_val``), or the training arrays alone; uint8 inputs are scaled to [0, 1] and (N, H, W) gets a channel axis. Splits are
     stratified and fixed by ``seed``; ``val_fraction`` of each class goes to validation.
 
     ``channels``: the image channels the model reads, when known. Images with one channel are
@@ -175,6 +175,12 @@ def _image_size(image_size, folder) -> tuple[int, int]:
     return size
 
 
+NPZ_TRAIN = (("x_train", "y_train"), ("x", "y"))
+"""The arrays of a .npz that hold the training data, in the order looked for."""
+NPZ_VAL = (("x_test", "y_test"), ("x_val", "y_val"))
+"""Those that hold the validation data; without them part of the training data is set aside."""
+
+
 def _npz(path: Path, val_fraction: float, seed: int) -> Datasets:
     if not path.is_file():
         raise ConfigError(f"no such .npz file: {path}")
@@ -183,16 +189,19 @@ def _npz(path: Path, val_fraction: float, seed: int) -> Datasets:
             found = {key: arrays[key] for key in arrays.files}
     except (OSError, ValueError) as error:
         raise ConfigError(f"{path} is not a readable .npz file ({error})") from None
-    if {"x_train", "y_train", "x_test", "y_test"} <= found.keys():
-        train = _tensors(found["x_train"], found["y_train"], path)
-        val = _tensors(found["x_test"], found["y_test"], path)
-    elif {"x", "y"} <= found.keys():
-        x, y = _tensors(found["x"], found["y"], path)
+    train_keys = next((pair for pair in NPZ_TRAIN if set(pair) <= found.keys()), None)
+    val_keys = next((pair for pair in NPZ_VAL if set(pair) <= found.keys()), None)
+    if train_keys is None:
+        raise ConfigError(f"{path} holds arrays {sorted(found)}; it needs x and y (split here "
+                          "into training and validation data), or x_train and y_train with "
+                          "x_test and y_test (or x_val and y_val)")
+    train = _tensors(found[train_keys[0]], found[train_keys[1]], path)
+    if val_keys is not None:
+        val = _tensors(found[val_keys[0]], found[val_keys[1]], path)
+    else:
+        x, y = train
         train_index, val_index = _stratified_split(y.numpy(), val_fraction, seed)
         train, val = (x[train_index], y[train_index]), (x[val_index], y[val_index])
-    else:
-        raise ConfigError(f"{path} holds arrays {sorted(found)}; it needs x and y, or x_train, "
-                          "y_train, x_test and y_test")
     classes = int(max(train[1].max(), val[1].max())) + 1
     return Datasets(str(path), TensorDataset(*train), TensorDataset(*val),
                     tuple(train[0].shape[1:]), classes)

@@ -100,6 +100,18 @@ def test_npz_with_its_own_split_and_channels_last(tmp_path):
     assert torch.equal(data.val[0][0], torch.ones(3, 4, 4)) and int(data.val[0][1]) == 1
 
 
+@pytest.mark.parametrize("train, val", [("x", "x_val"), ("x_train", "x_val"), ("x", "x_test")])
+def test_npz_validation_arrays_by_either_name_beside_either_training_name(tmp_path, train, val):
+    """x_val / y_val are the validation data as x_test / y_test are (they were ignored, and
+    part of x set aside instead)."""
+    path = tmp_path / "own.npz"
+    np.savez(path, **{train: np.zeros((5, 1, 4, 4), np.float32), "y" + train[1:]: np.arange(5),
+                      val: np.ones((2, 1, 4, 4), np.float32), "y" + val[1:]: np.array([1, 0])})
+    data = load_data(str(path))
+    assert len(data.train) == 5 and len(data.val) == 2
+    assert torch.equal(data.val[0][0], torch.ones(1, 4, 4))
+
+
 def test_npz_problems_are_config_errors(tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, inputs=np.zeros((3, 2)))
