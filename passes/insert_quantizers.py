@@ -131,7 +131,8 @@ def _insert_input_nodes(gm: fx.GraphModule, sites: list[LayerSite],
 
 
 def _calibrate_inputs(gm, inputs: dict[str, fx.Node], ctx: PassContext) -> None:
-    batches = batches_for(ctx, int(ctx.option("calib_examples", CALIB_EXAMPLES)), "activation calibration")
+    examples = int(ctx.option("calib_examples", CALIB_EXAMPLES))
+    batches = batches_for(ctx, examples, "activation calibration")
     seen = record_inputs(gm, list(inputs), batches)
     for name, node in inputs.items():
         bits, method = node.meta["quant_input"]["bits"], node.meta["quant_input"]["method"]

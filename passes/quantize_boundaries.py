@@ -140,7 +140,8 @@ def _is_boundary(node: fx.Node) -> bool:
 def _quantize(gm, pending: list[Boundary], bits: int, method: str, ctx) -> list[Boundary]:
     """Calibrate and insert the quantizers of ``pending``; returns the boundaries quantized
     (those whose operands all turned out to be float tensors)."""
-    batches = batches_for(ctx, int(ctx.option("calib_examples", CALIB_EXAMPLES)), "boundary calibration")
+    examples = int(ctx.option("calib_examples", CALIB_EXAMPLES))
+    batches = batches_for(ctx, examples, "boundary calibration")
     seen = _record(gm, {o for b in pending for o in b.operands}, batches)
     pending = [b for b in pending if all(seen[o] is not None for o in b.operands)]
     if pending and not hasattr(gm, BOUNDARY_QUANTIZERS):

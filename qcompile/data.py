@@ -94,8 +94,9 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
     ``imagefolder:PATH`` uses ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) when both exist,
     else splits ``PATH`` itself; images are RGB tensors in [0, 1] resized to ``image_size``
     (default: the size of the first image). A ``.npz`` holds ``x_train, y_train`` (or ``x, y``)
-    and ``x_test, y_test`` (or ``x_val, y_val``), or the training arrays alone; uint8 inputs are scaled to [0, 1] and (N, H, W) gets a channel axis. Splits are
-    stratified and fixed by ``seed``; ``val_fraction`` of each class goes to validation.
+    and ``x_test, y_test`` (or ``x_val, y_val``), or the training arrays alone; uint8 inputs
+    are scaled to [0, 1] and (N, H, W) gets a channel axis. Splits are stratified and fixed by
+    ``seed``; ``val_fraction`` of each class goes to validation.
 
     ``channels``: the image channels the model reads, when known. Images with one channel are
     then repeated to that many (a grayscale digit as an RGB image, for a torchvision model),

@@ -134,7 +134,8 @@ freeze_model_input_quantizers` says why); a quantizer the caller froze stays fro
                                   "load_state_dict)")
         run = Run(qmodel, train_source, val_source, config, list(schedules), distillation, world,
                   _calibration(calib_data, qmodel, world.device))
-        problem = _output_problem(config.checkpoint, metrics_path, resume) if world.is_main else None
+        problem = (_output_problem(config.checkpoint, metrics_path, resume) if world.is_main
+                   else None)
         if world.any(problem is not None):
             raise ConfigError(problem or "the first process cannot start this run: see its error")
         if metrics_path is not None and world.is_main:
@@ -167,5 +168,5 @@ def _calibration(calib_data, model: fx.GraphModule, device: torch.device) -> lis
     """The batches schedules recalibrate from, on ``device``: as many as the recalibration
     reads, in the forms :func:`~qcompile.quant.calibration.calibration_batches` takes."""
     inputs = sum(node.op == "placeholder" for node in model.graph.nodes)
-    return [tuple(t.to(device) for t in batch)
+    return [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch)
             for batch in calibration_batches(calib_data, CALIB_EXAMPLES, inputs)]

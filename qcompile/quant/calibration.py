@@ -24,7 +24,8 @@ CALIB_EXAMPLES = 64
 """How many examples calibrate activation quantizers unless told otherwise."""
 
 
-def calibration_batches(calib_data, limit: int = CALIB_EXAMPLES, inputs: int | None = None) -> list[tuple]:
+def calibration_batches(calib_data, limit: int = CALIB_EXAMPLES,
+                        inputs: int | None = None) -> list[tuple]:
     """Batches of model inputs from ``calib_data`` until ``limit`` examples are gathered; ``[]``
     when there are none.
 
