@@ -54,19 +54,20 @@ def unfinished_run(path: Path) -> str | None:
     return f"after epoch {position['epoch']}/{epochs}"
 
 
-def writable_folder(folder: Path, what: str) -> None:
-    """Make ``folder`` (and its parents) unless it exists, and check that files can be written
-    there: before the first step, so that no epoch is trained only to find it cannot be saved."""
+def folder_problem(folder: Path, what: str) -> str | None:
+    """Make ``folder`` (and its parents) unless it exists; what keeps files from being written
+    there, or None. Asked before the first step, so that no epoch is trained only to find it
+    cannot be saved."""
     if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{what} {folder} is a file; give a folder (made if missing)")
+        return f"{what} {folder} is a file; give a folder (made if missing)"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError(f"{what} {folder}: cannot make that folder ({error.strerror}); give "
-                          "a folder qcompile can write to") from None
+        return (f"{what} {folder}: cannot make that folder ({error.strerror}); give a folder "
+                "qcompile can write to")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {folder}: that folder is not writable; give a folder "
-                          "qcompile can write to")
+        return f"{what} {folder}: that folder is not writable; give a folder qcompile can write to"
+    return None
 
 
 def save(path: Path, checkpoint: dict[str, Any]) -> None:

@@ -88,19 +88,16 @@ class Distributed:
         """Copy rank 0's buffers to every process, as DDP does before each forward: after the
         last step each rank's batch-norm statistics hold its own batch, and evaluation and the
         final model must use one set."""
-        if self.enabled:
-            for buffer in model.buffers():
-                dist.broadcast(buffer, src=0)
+        self._broadcast(model.buffers())
 
     def broadcast_state(self, model: nn.Module) -> None:
         """Copy rank 0's parameters and buffers to every process."""
-        if self.enabled:
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor.data, src=0)
+        self._broadcast([*model.parameters(), *model.buffers()])
 
-    def barrier(self) -> None:
+    def _broadcast(self, tensors) -> None:
         if self.enabled:
-            dist.barrier()
+            for tensor in tensors:
+                dist.broadcast(tensor.data, src=0)
 
     def close(self) -> None:
         """Leave the process group if this run created it."""

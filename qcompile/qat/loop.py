@@ -184,8 +184,9 @@ class Run(Session):
         if self.config.compile and any(getattr(schedule, "switches_every_step", False)
                                        for schedule in self.schedules):
             self.gated = attach_gates(self.model, self.world.device)
-        unused = (any(schedule.may_leave_parameters_unused for schedule in self.schedules)
-                  or not distributed.every_parameter_used(self.model))
+        unused = self.world.enabled and (
+            any(schedule.may_leave_parameters_unused for schedule in self.schedules)
+            or not distributed.every_parameter_used(self.model))
         self.forward_model = self.world.wrap(self.model, unused_parameters=unused)
         if self.config.compile:
             self.forward_model = compiled(self.forward_model, self.world.device)

@@ -60,9 +60,9 @@ class Session:
                 self._write(processes)
             except OSError as error:
                 failure = error
+        # a collective: the other processes also wait here until rank 0 has written
         if self.world.any(failure is not None):
             raise self._unsaved(failure)
-        self.world.barrier()
 
     def _unsaved(self, failure: OSError | None) -> CheckpointError:
         """The error that stops a run whose checkpoint could not be written (on rank 0: why)."""

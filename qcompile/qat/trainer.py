@@ -149,13 +149,11 @@ def _output_problem(path: Path | None, metrics_path, resume: bool) -> str | None
     """What keeps the run from writing its checkpoint and metrics, said before the first step
     (None: nothing): a folder that cannot be made or written, or, on a fresh run, a checkpoint
     of an unfinished run that the first epoch's would overwrite."""
-    try:
-        for folder, what in ((path and path.parent, "checkpoint_dir"),
-                             (metrics_path and Path(metrics_path).parent, "metrics_path")):
-            if folder is not None:
-                checkpoint.writable_folder(folder, what)
-    except ConfigError as error:
-        return str(error)
+    for folder, what in ((path and path.parent, "checkpoint_dir"),
+                         (metrics_path and Path(metrics_path).parent, "metrics_path")):
+        problem = None if folder is None else checkpoint.folder_problem(folder, what)
+        if problem is not None:
+            return problem
     stopped = None if path is None or resume else checkpoint.unfinished_run(path)
     if stopped is None:
         return None
