@@ -162,7 +162,9 @@ class DQActivationQuantizer(Quantizer):
         self.step = nn.Parameter(torch.full((self.channels,), 1.0 / self.qmax))
 
     def step_size(self) -> torch.Tensor:
-        return self.step.clamp_min(MIN_STEP)
+        """The step sizes in use, kept positive; the floor passes its gradient straight through,
+        so a step an optimizer pushed below zero learns its way back instead of sticking there."""
+        return replace_gradient(self.step.clamp_min(MIN_STEP), self.step)
 
     def integer_spec(self) -> IntegerSpec:
         """Affine codes ``qmin..qmax``, ``code = clamp(round(x / s))``, value ``code * s``."""

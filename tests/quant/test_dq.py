@@ -163,6 +163,20 @@ def test_channel_aware_error_is_a_differentiable_objective():
     assert errors[-1] < 0.5 * errors[0]
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_activation_step_pushed_below_zero_recovers(signed):
+    """An optimizer step can overshoot a small step size below zero (Adam moves it by about its
+    learning rate); the floor keeps the forward finite and must still pass the gradient that
+    brings the step back, or every later value lands on one level for good."""
+    q = make_quantizer("dq", "activation", 8, signed=signed)
+    with torch.no_grad():
+        q.step.fill_(-4e-3)
+    x = torch.linspace(0.0 if not signed else -0.5, 0.5, 101)
+    ((q(x) - x) ** 2).sum().backward()
+    assert torch.isfinite(q(x)).all()
+    assert float(q.step.grad) < 0, "the gradient must push the step back up"
+
+
 def test_per_channel_activation_steps_fit_each_channel():
     x = outlier_activations(seed=2)
     q = make_quantizer("dq", "activation", 4, signed=False, per_channel=True, channels=16,
