@@ -21,20 +21,16 @@ from tiny_runs import (RandomToggle, assert_same_weights, digits, quantized_mode
 
 
 
-# DQ from scratch: its activation steps start tiny (the untrained model's activations) and Adam's
-# first updates push some below zero; a floor that blocked their gradient left them there, and
-# every later activation on one level (10% accuracy).
-@pytest.mark.parametrize("method, accuracy", [("lsq", 0.85), ("dq", 0.7)])
-def test_quantized_small_cnn_learns_digits(method, accuracy):
+def test_quantized_small_cnn_learns_digits():
     data = digits()
     torch.manual_seed(0)
     model = SmallCNN(in_channels=1, classes=10, width=8)
-    qm = qcompile.quantize(model, (data.train_x[:1],), bits=4, method=method,
+    qm = qcompile.quantize(model, (data.train_x[:1],), bits=4, method="lsq",
                            calib_data=[(data.train_x[:64],)])
     history = train(qm, (data.train_x, data.train_y), (data.test_x, data.test_y), epochs=2,
                     lr=3e-3, batch_size=32, progress=False)
     assert history.initial_val_accuracy < 0.3
-    assert history.final_val_accuracy > accuracy
+    assert history.final_val_accuracy > 0.85
     assert history.best_val_accuracy >= history.final_val_accuracy
     assert [r["epoch"] for r in history.records] == [1, 2]
     assert history.records[1]["train_loss"] < history.records[0]["train_loss"]
