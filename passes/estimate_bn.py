@@ -16,14 +16,14 @@ The statistics are those of the calibration batches (``calib_data``, the first
 matched batch norm runs in training mode with a cumulative average (``momentum=None``), and gets its
 momentum and mode back afterwards; the model's other modules run in eval mode. Trained
 statistics are never touched, nor is anything without calibration data (the example inputs are
-one example, too few to estimate a variance): the pass record then says which batch norms kept
-their initial statistics.
+one example, too few to estimate a variance) or with too little of it for torch to normalize
+(one value per channel): the pass record then says which batch norms kept their initial
+statistics and why.
 """
 
 import torch
 from torch import fx, nn
 
-from qcompile.errors import ConfigError
 from qcompile.pipeline import PassContext, register_pass
 from qcompile.quant.calibration import CALIB_EXAMPLES, calibration_batches
 
@@ -46,9 +46,14 @@ def estimate_bn(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     except RuntimeError:
         pass  # inputs of different shapes: the average runs over the batches one by one
     examples = sum(len(batch[0]) for batch in batches)
-    _run_in_training_mode(gm, fresh, batches, examples)
-    ctx.note(f"estimated the statistics of {len(fresh)} batch norm(s) that never saw data "
-             f"({listed}) from {examples} calibration examples")
+    problem = _estimate(gm, list(fresh.values()), batches)
+    if problem is not None:
+        ctx.note(f"{len(fresh)} batch norm(s) never saw data ({listed}) and keep their initial "
+                 f"statistics: {examples} calibration example(s) cannot estimate them "
+                 f"({problem}); give more calibration data")
+    else:
+        ctx.note(f"estimated the statistics of {len(fresh)} batch norm(s) that never saw data "
+                 f"({listed}) from {examples} calibration examples")
     return gm
 
 
@@ -61,23 +66,26 @@ def never_saw_data(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _run_in_training_mode(gm: fx.GraphModule, norms: dict[str, nn.Module], batches: list,
-                          examples: int) -> None:
+def _estimate(gm: fx.GraphModule, norms: list[nn.Module], batches: list) -> str | None:
+    """Run ``batches`` through ``gm`` with ``norms`` averaging their batch statistics; on
+    torch's refusal (one value per channel), every norm back at its initial statistics and the
+    reason returned."""
     modes = {module: module.training for module in gm.modules()}
-    momenta = {norm: norm.momentum for norm in norms.values()}
+    momenta = {norm: norm.momentum for norm in norms}
     gm.eval()
     try:
-        for norm in norms.values():
+        for norm in norms:
             norm.momentum = None
             norm.train()
         for batch in batches:
             gm(*batch)
     except ValueError as error:
-        raise ConfigError(f"estimate-bn: the batch norms' statistics cannot be estimated from "
-                          f"{examples} calibration example(s) ({error}); give more "
-                          "calibration data") from error
+        for norm in norms:
+            norm.reset_running_stats()
+        return str(error)
     finally:
         for norm, momentum in momenta.items():
             norm.momentum = momentum
         for module, training in modes.items():
             module.train(training)
+    return None

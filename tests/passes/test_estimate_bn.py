@@ -1,13 +1,11 @@
 """Tests of the estimate-bn pass: batch norms that never saw data get the calibration inputs'
 statistics, and nothing else changes."""
 
-import pytest
 import torch
 import torchvision
 from torch import nn
 
 import qcompile
-from qcompile.errors import ConfigError
 from qcompile.models import SmallCNN
 from qcompile.qat import train
 from real_data import digits
@@ -85,12 +83,23 @@ def test_without_calibration_data_the_record_says_which_kept_their_initial_stati
                if isinstance(m, nn.BatchNorm2d))
 
 
-def test_one_example_cannot_estimate_a_variance_and_says_so():
-    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
-    x = torch.randn(1, 4)
-    with pytest.raises(ConfigError, match="estimated from 1 calibration example.*give more "
-                                          "calibration data"):
-        run_estimate_bn(model, x, calib_data=[x])
+def test_too_few_examples_to_normalize_leave_every_statistic_as_it_was_and_say_why():
+    torch.manual_seed(0)
+    # The first batch norm normalizes 9 values per channel and is updated before the second,
+    # with one value per channel, is refused.
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(27, 3), nn.BatchNorm1d(3)).eval()
+    x = torch.randn(1, 1, 5, 5)
+    gm, notes = run_estimate_bn(model, x, calib_data=[x])
+    assert notes == ["2 batch norm(s) never saw data (1, 5) and keep their initial statistics: 1 "
+                     "calibration example(s) cannot estimate them (Expected more than 1 value "
+                     "per channel when training, got input size torch.Size([1, 3])); give more "
+                     "calibration data"]
+    for name in ("1", "5"):
+        bn = gm.get_submodule(name)
+        assert bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all())
+        assert int(bn.num_batches_tracked) == 0 and bn.momentum == 0.1 and not bn.training
+    torch.testing.assert_close(gm(x), model(x))
 
 
 def test_an_untrained_network_quantized_at_8_bits_trains_as_its_float_model_does():
