@@ -8,13 +8,14 @@ quantizers of the layers ``fold-bn`` folds it into, which scale with ``1 / sqrt(
 and the activation quantizers that follow) is calibrated on the wrong scale, and the first
 training steps clip nearly everything. Measured: torchvision's untrained ResNet-18 on digits,
 QAT at 8 bits, stayed at chance (loss 2.303 after 2 epochs, LSQ and QIL alike) while the float
-model reached 94.7%; with its statistics estimated from the 64 calibration examples, 90.6%
-(LSQ) and 93.9% (QIL).
+model reached 94.7%; with its statistics estimated from the 64 calibration examples, 93.9% (QIL)
+and 81.9% (LSQ; 90.6% with the paper's step rule, see ``LEAST_SQUARES_BITS`` in
+:mod:`qcompile.quant.lsq`).
 
 The statistics are those of the calibration batches (``calib_data``, the first
 ``calib_examples``, default 64, put together as one batch where their shapes agree): each
-matched batch norm runs in training mode with a cumulative average (``momentum=None``), and gets its
-momentum and mode back afterwards; the model's other modules run in eval mode. Trained
+matched batch norm runs in training mode with a cumulative average (``momentum=None``) and gets
+its momentum and mode back afterwards; the model's other modules run in eval mode. Trained
 statistics are never touched, nor is anything without calibration data (the example inputs are
 one example, too few to estimate a variance) or with too little of it for torch to normalize
 (one value per channel): the pass record then says which batch norms kept their initial
