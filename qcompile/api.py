@@ -36,8 +36,8 @@ def quantize(
     """Trace ``model`` and rewrite it into a trainable quantized graph (still float).
 
     Runs ``passes`` (default: the ``default`` preset: canonicalize, estimate-bn, fold-bn in
-    QAT mode, assign-bits, insert-quantizers, quantize-boundaries). ``budget`` switches assign-bits to its sensitivity policy:
-    ``{"size": 0.1}`` (fraction of fp32 weight bytes) or ``{"bops": 0.02}``, with optional
+    QAT mode, assign-bits, insert-quantizers, quantize-boundaries). ``budget`` switches
+    assign-bits to its sensitivity policy: ``{"size": 0.1}`` (fraction of fp32 weight bytes) or ``{"bops": 0.02}``, with optional
     ``"bits_choices": "2,3,4,8"``. ``calib_data``: an iterable of batches of model inputs (tuples
     or bare tensors; a ``DataLoader``'s ``(inputs, labels)`` batches give their inputs), read
     once and only as far as calibration goes, or one batch as a tensor, or a ``Dataset``

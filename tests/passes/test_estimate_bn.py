@@ -11,8 +11,8 @@ from qcompile.qat import train
 from real_data import digits
 
 
-def conv_bn(channels=4):
-    return nn.Sequential(nn.Conv2d(3, channels, 3), nn.BatchNorm2d(channels), nn.ReLU())
+def conv_bn(in_channels=3, channels=4):
+    return nn.Sequential(nn.Conv2d(in_channels, channels, 3), nn.BatchNorm2d(channels), nn.ReLU())
 
 
 def run_estimate_bn(model, example, **config):
@@ -54,7 +54,7 @@ def test_inputs_of_different_shapes_are_averaged_batch_by_batch():
 
 def test_trained_statistics_and_training_modes_are_left_alone():
     torch.manual_seed(0)
-    model = nn.Sequential(conv_bn(), conv_bn_after(4))
+    model = nn.Sequential(conv_bn(), conv_bn(4, 4))
     model.train()
     with torch.no_grad():
         model[0][1].running_var.fill_(2.0)          # statistics loaded from somewhere
@@ -66,10 +66,6 @@ def test_trained_statistics_and_training_modes_are_left_alone():
         assert torch.equal(before.running_mean, after.running_mean)
         assert torch.equal(before.running_var, after.running_var)
     assert notes == [] and gm.training
-
-
-def conv_bn_after(channels):
-    return nn.Sequential(nn.Conv2d(channels, channels, 3), nn.BatchNorm2d(channels), nn.ReLU())
 
 
 def test_without_calibration_data_the_record_says_which_kept_their_initial_statistics():
