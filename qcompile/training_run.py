@@ -57,12 +57,18 @@ def check_training_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--epochs and --batch-size must be positive integers")
 
 
-def load_training_data(args: argparse.Namespace, channels: int | None = None) -> Datasets | None:
+def load_training_data(args: argparse.Namespace, channels: int | None = None,
+                       shape: tuple[int, ...] | None = None) -> Datasets | None:
     """The --data datasets (None without --data), their images given the model's ``channels``
-    when known (:func:`~qcompile.data.load_data`); :func:`check_training_flags` comes first."""
+    when known (:func:`~qcompile.data.load_data`); :func:`check_training_flags` comes first.
+
+    ``shape``: the (N, C, H, W) input the model is to take, from --input-shape or a model that
+    fixes it; an ``imagefolder`` is resized to its height and width (without one, to the first
+    image's size), since image folders seldom hold images of one size."""
     if args.data is None:
         return None
-    return load_data(args.data, channels=channels)
+    size = tuple(shape[2:]) if shape is not None and len(shape) == 4 else None
+    return load_data(args.data, channels=channels, image_size=size)
 
 
 def input_channels(model: torch.nn.Module, shape: tuple[int, ...] | None) -> int | None:
@@ -170,7 +176,8 @@ def run_training(args, float_model: fx.GraphModule, quantized: fx.GraphModule, d
                     calib_data=calibration, compile=args.compile)
     print(f"summary: float accuracy {float_accuracy:.2%}; quantized "
           f"{_percent(history.initial_val_accuracy)} before QAT -> "
-          f"{_percent(history.final_val_accuracy)} after {args.epochs} epochs "
+          f"{_percent(history.final_val_accuracy)} after {args.epochs} "
+          f"epoch{'s' * (args.epochs != 1)} "
           f"(checkpoints and metrics.jsonl in {checkpoints})")
 
 

@@ -9,6 +9,7 @@ from torch import fx
 import qcompile
 from batch_norms import randomize_batch_norms
 from qcompile.data import load_builtin
+from qcompile.ir.export_frontend import from_exported_program
 from qcompile.models import SmallCNN
 
 
@@ -29,15 +30,20 @@ def held_out(arch: str, count: int = 16) -> torch.Tensor:
     return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
 
 
-def quantized(arch: str, method: str, bits: int, count: int = 16
+def quantized(arch: str, method: str, bits: int, count: int = 16, exported: bool = False
               ) -> tuple[fx.GraphModule, torch.Tensor]:
     """``arch`` (``small`` or a torchvision name) with randomized batch norms, quantized at
-    W``bits``A``bits`` (first and last layer 8-bit) and calibrated on its test batch."""
+    W``bits``A``bits`` (first and last layer 8-bit) and calibrated on its test batch;
+    ``exported``: through ``torch.export`` and the frontend that reads its programs, as a
+    ``.pt2`` file is."""
     torch.manual_seed(0)
     if arch == "small":
         model, x = SmallCNN(1, 10), images("small", count)
     else:
         model, x = getattr(torchvision.models, arch)(weights=None), images("imagenet")
     randomize_batch_norms(model, seed=bits)
-    qm = qcompile.quantize(model.eval(), (x[:1],), bits=bits, method=method, calib_data=[(x,)])
+    model = model.eval()
+    if exported:
+        model = from_exported_program(torch.export.export(model, (x[:1],)))
+    qm = qcompile.quantize(model, (x[:1],), bits=bits, method=method, calib_data=[(x,)])
     return qm, x

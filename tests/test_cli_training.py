@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision
 
+import qcompile
 from qcompile import cli
 from qcompile.data import load_builtin
 from qcompile.models import SmallCNN
@@ -85,7 +86,7 @@ def test_compile_trains_through_torch_compile(tmp_path, monkeypatch, capsys, swi
     batch_sizes = {32, train_size % 32} - {0}  # --batch-size 32 and the short last batch
     assert counters["stats"]["unique_graphs"] == len(batch_sizes)
     summary = next(line for line in out.splitlines() if line.startswith("summary:"))
-    assert "after 1 epochs" in summary
+    assert "after 1 epoch " in summary
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["epoch"] == 1 and record["train_loss"] > 0
     torch._dynamo.reset()
@@ -157,28 +158,54 @@ def test_a_torchvision_model_trains_on_one_channel_digits(tmp_path, monkeypatch,
     assert code == 0
     assert "torchvision:resnet18 (10 classes), input 1x3x8x8" in out
     assert "data: digits, one-channel images repeated to the model's 3 channels" in out
-    assert "after 1 epochs" in next(line for line in out.splitlines()
+    assert "after 1 epoch " in next(line for line in out.splitlines()
                                     if line.startswith("summary:"))
+
+
+def image_folder(root: Path, sizes=((12, 12),)) -> str:
+    """Two classes of ten RGB images, of the (width, height) ``sizes`` in turn; the --data spec."""
+    from PIL import Image
+
+    for label, colour in enumerate([(250, 20, 20), (20, 250, 20)]):
+        (root / f"class{label}").mkdir(parents=True)
+        for k in range(10):
+            Image.new("RGB", sizes[k % len(sizes)], (*colour[:2], 12 * k)).save(
+                root / f"class{label}" / f"{k}.png")
+    return f"imagefolder:{root}"
 
 
 def test_a_one_channel_model_reads_an_image_folder_in_grayscale(tmp_path, monkeypatch, capsys):
     """``--arch package.module:Class`` says no input shape: the model's first convolution does
     (one channel for SmallCNN), so the RGB folder is read as grayscale rather than failing to
     trace at 3 channels."""
-    from PIL import Image
-
-    for label, colour in enumerate([(250, 20, 20), (20, 250, 20)]):
-        (tmp_path / "images" / f"class{label}").mkdir(parents=True)
-        for k in range(10):
-            Image.new("RGB", (12, 12), (*colour[:2], 12 * k)).save(
-                tmp_path / "images" / f"class{label}" / f"{k}.png")
+    data = image_folder(tmp_path / "images")
     torch.manual_seed(0)
     torch.save(SmallCNN().state_dict(), tmp_path / "small.pt")
     monkeypatch.chdir(tmp_path)
-    code = cli.main(["small.pt", "--arch", ARCH, "--data", f"imagefolder:{tmp_path / 'images'}",
-                     "--epochs", "1", "--checkpoint-dir", "run"])
+    code = cli.main(["small.pt", "--arch", ARCH, "--data", data, "--epochs", "1",
+                     "--checkpoint-dir", "run"])
     out = capsys.readouterr().out
-    assert code == 0 and "input 1x1x12x12" in out and "after 1 epochs" in out
+    assert code == 0 and "input 1x1x12x12" in out and "after 1 epoch " in out
+
+
+def test_an_image_folder_is_resized_to_the_input_shape_asked_for(tmp_path, monkeypatch, capsys):
+    """Images of assorted sizes take the size of --input-shape, or of a model that takes one
+    size only, rather than the first image's."""
+    data = image_folder(tmp_path / "images", sizes=((12, 12), (20, 14), (9, 30)))
+    model = SmallCNN().eval()
+    torch.save(model.state_dict(), tmp_path / "small.pt")
+    program = torch.export.export(model, (torch.randn(1, 1, 20, 20),))
+    torch.export.save(program, tmp_path / "small.pt2")
+    monkeypatch.chdir(tmp_path)
+    for argv, shape in ((["small.pt", "--arch", ARCH, "--input-shape", "2,1,16,16"], (2, 1, 16, 16)),
+                        (["small.pt2"], (1, 1, 20, 20))):
+        run = f"run{shape[-1]}"
+        code = cli.main([*argv, "--data", data, "--epochs", "1", "--checkpoint-dir", run,
+                         "--out", f"{run}.qc"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert f"input {'x'.join(map(str, shape))}" in out
+        assert qcompile.load(f"{run}.qc").input_shape == shape
 
 
 def fails_before_training(tmp_path, capsys, *argv: str) -> str:

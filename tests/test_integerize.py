@@ -62,6 +62,17 @@ def test_torchvision_models_integer_activations_equal_the_simulated_ones(arch, m
     assert_faithful(qm, x)
 
 
+@pytest.mark.parametrize("arch", ["small", "resnet18", "mobilenet_v2"])
+def test_exported_programs_integerize_as_their_modules_do(arch):
+    """torch.export spells pooling, flatten and concatenation as ATen ops (``aten.max_pool2d``,
+    ``aten.flatten.using_ints``); read from a program, the model still has an integer program,
+    the one its module has."""
+    qm, x = quantized(arch, "lsq", 4, exported=True)
+    integer_graph, _ = assert_faithful(qm, x)
+    reference = qcompile.integerize(quantized(arch, "lsq", 4)[0])
+    assert [type(op) for op in integer_graph.ops] == [type(op) for op in reference.ops]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("method", METHODS)

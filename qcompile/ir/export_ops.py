@@ -1,7 +1,8 @@
 """ATen ops the export frontend turns into the torch functions our passes match.
 
-An exported graph spells ReLU as ``aten.relu_.default`` and a residual add as
-``aten.add_.Tensor``; the passes look for ``F.relu`` and ``operator.add``. An in-place op becomes
+An exported graph spells ReLU as ``aten.relu_.default``, a residual add as ``aten.add_.Tensor``
+and a max pool as ``aten.max_pool2d.default``; the passes, the integer program and the ONNX
+export look for ``F.relu``, ``operator.add`` and ``F.max_pool2d``. An in-place op becomes
 out-of-place only when nothing else can see the mutation: the tensor it writes is a fresh value
 (not a view or an input) that no other node reads.
 """
@@ -39,10 +40,33 @@ OUT_OF_PLACE: dict[Any, Callable] = {
 }
 """ATen ops (in-place or not) and the out-of-place torch function with the same arguments."""
 
+STRUCTURAL: dict[Any, Callable] = {
+    aten.max_pool1d.default: F.max_pool1d,
+    aten.max_pool2d.default: F.max_pool2d,
+    aten.max_pool3d.default: F.max_pool3d,
+    aten.avg_pool1d.default: F.avg_pool1d,
+    aten.avg_pool2d.default: F.avg_pool2d,
+    aten.avg_pool3d.default: F.avg_pool3d,
+    aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    aten.adaptive_avg_pool3d.default: F.adaptive_avg_pool3d,
+    aten.flatten.using_ints: torch.flatten,
+    aten.cat.default: torch.cat,
+}
+"""The pools, flatten and concatenation the integer program, the ONNX export and
+``quantize-boundaries`` know, and the torch function with the same arguments (an empty
+``stride``, the ATen default, means the kernel size to each of them)."""
+
+FRESH = (set(OUT_OF_PLACE.values()) | set(STRUCTURAL.values())) - {torch.flatten}
+"""The torch functions above whose result is a new tensor (``torch.flatten`` may return a view
+of its input)."""
+
 
 def make_out_of_place(node: fx.Node) -> None:
     """Give ``node`` the out-of-place torch function of its ATen op, where that is safe."""
-    function = OUT_OF_PLACE.get(node.target) if node.op == "call_function" else None
+    function = None
+    if node.op == "call_function":
+        function = OUT_OF_PLACE.get(node.target) or STRUCTURAL.get(node.target)
     if function is None or node.kwargs.get("alpha", 1) != 1:
         return
     if node.target._schema.is_mutable and not _mutation_unobserved(node):
@@ -63,4 +87,4 @@ def _mutation_unobserved(node: fx.Node) -> bool:
     target = mutated.target
     if isinstance(target, torch._ops.OpOverload):
         return all(ret.alias_info is None for ret in target._schema.returns)
-    return target in set(OUT_OF_PLACE.values())
+    return target in FRESH

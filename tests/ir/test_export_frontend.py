@@ -121,6 +121,43 @@ def test_mutation_seen_through_an_alias_stays_in_place():
     assert (gm(x) >= 0).all()
 
 
+def test_pools_flatten_and_cat_become_the_torch_functions_the_passes_match():
+    class Pools(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.left, self.right = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            joined = torch.cat([F.max_pool2d(self.left(x), 2), F.avg_pool2d(self.right(x), 2)], 1)
+            return self.head(torch.flatten(F.adaptive_avg_pool2d(joined, 1), 1))
+
+    x = torch.randn(2, 3, 8, 8)
+    ep, gm = lifted(Pools(), x)
+    torch.testing.assert_close(gm(x), ep.module()(x), rtol=0, atol=0)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert targets == {F.max_pool2d, F.avg_pool2d, torch.cat, F.adaptive_avg_pool2d,
+                       torch.flatten}
+
+
+def test_an_in_place_op_on_a_flattened_view_stays_in_place():
+    """``torch.flatten`` may return a view: ReLU on it in place also changes what it flattened."""
+    class FlattenedInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y.flatten(1).relu_()
+            return y * 2
+
+    x = torch.randn(1, 2, 4, 4)
+    ep, gm = lifted(FlattenedInPlace(), x)
+    torch.testing.assert_close(gm(x), ep.module()(x), rtol=0, atol=0)
+    assert (gm(x) >= 0).all()
+
+
 def test_weights_that_are_not_module_parameters_stay_aten():
     class Functional(nn.Module):
         def __init__(self):
