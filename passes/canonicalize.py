@@ -7,12 +7,18 @@ Matches and rewrites:
   becomes ``F.relu(x)``; ReLU6 (``nn.ReLU6``, ``F.relu6``, ``hardtanh(x, 0, 6)``) becomes
   ``F.relu6(x)``.
 - Addition of two values (``+``, ``+=``, ``torch.add``, ``x.add(y)``, ``x.add_(y)``) becomes
-  ``operator.add(a, b)``; flatten (``nn.Flatten``, ``x.flatten(...)``) becomes ``torch.flatten``.
+  ``operator.add(a, b)``; flatten (``nn.Flatten``, ``x.flatten(...)``) becomes ``torch.flatten``,
+  as does a ``view`` or ``reshape`` that flattens (``x.view(x.size(0), -1)``, ``x.reshape(-1,
+  16 * 5 * 5)``) and keeps the batch: its first size is ``-1`` or a size read from a tensor
+  (not a number, which would fix the batch), and the shapes propagated from the example inputs
+  show consecutive dimensions merged after the first. The integer program and the ONNX export
+  know flatten, and the sizes the view read are removed with it.
 In-place forms become out-of-place only when nothing reads the mutated tensor afterwards;
 otherwise the node is kept and the pass record says why. With example inputs in ``ctx``, output
 shapes are propagated onto the nodes.
 """
 
+import math
 import operator
 
 import torch
@@ -48,7 +54,9 @@ def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if in_place and not _mutation_is_unread(node, order):
             ctx.note(f"kept in-place {node.name}: its input is read again after it")
             continue
+        read_sizes = _shape_arguments(node) if target is torch.flatten else []
         _replace(gm.graph, node, target, args, kwargs)
+        _erase_unused_sizes(gm.graph, read_sizes)
         rewritten += 1
     gm.graph.lint()
     gm.delete_all_unused_submodules()
@@ -80,11 +88,87 @@ def _canonical_form(node: fx.Node, module: nn.Module | None):
         return F.relu6, (x,), {}, module.inplace
     if isinstance(module, nn.Flatten):
         return torch.flatten, (x, module.start_dim, module.end_dim), {}, False
+    flattened = _flattening_view(node, x)
+    if flattened is not None:
+        return torch.flatten, flattened, {}, False
     if node.op == "call_function":
         return _canonical_function(node, x)
     if node.op == "call_method":
         return _canonical_method(node, x)
     return None
+
+
+_VIEW_METHODS = ("view", "reshape")
+_VIEW_FUNCTIONS = (torch.reshape, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                   torch.ops.aten._unsafe_view.default)
+_SIZE_FUNCTIONS = (torch.ops.aten.sym_size.int, operator.getitem, getattr)
+
+
+def _shape_arguments(node: fx.Node) -> list:
+    """The sizes a view or reshape ``node`` asks for (``x.view(a, b)`` or ``x.view((a, b))``)."""
+    sizes = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        return list(sizes[0])
+    return sizes
+
+
+def _flattening_view(node: fx.Node, x) -> tuple | None:
+    """``(x, start, end)`` when the view or reshape ``node`` is ``torch.flatten(x, start, end)``
+    for every batch size (module docstring), else None."""
+    is_view = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+        node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+    if not is_view or not isinstance(x, fx.Node):
+        return None
+    sizes = _shape_arguments(node)
+    if not sizes or not (sizes[0] == -1 or _is_batch_size(sizes[0])):
+        return None
+    if not all(isinstance(size, (int, fx.Node)) for size in sizes):
+        return None
+    given, wanted = (n.meta.get("tensor_meta") for n in (x, node))
+    if given is None or wanted is None:
+        return None
+    given, wanted = tuple(given.shape), tuple(wanted.shape)
+    merged = len(given) - len(wanted)
+    if merged < 1 or len(wanted) < 1:
+        return None
+    for start in range(1, len(wanted)):
+        end = start + merged
+        if (given[:start] == wanted[:start] and given[end + 1:] == wanted[start + 1:]
+                and math.prod(given[start:end + 1]) == wanted[start]):
+            return x, start, end - len(given) if end == len(given) - 1 else end
+    return None
+
+
+def _is_batch_size(size) -> bool:
+    """Whether ``size`` reads dimension 0 of a tensor: ``t.size(0)``, ``t.shape[0]``,
+    ``t.size()[0]`` or an exported program's ``sym_size(t, 0)``."""
+    if not isinstance(size, fx.Node):
+        return False
+    if size.op == "call_method" and size.target == "size":
+        return len(size.args) == 2 and size.args[1] == 0
+    if size.op != "call_function" or size.target not in _SIZE_FUNCTIONS or len(size.args) != 2:
+        return False
+    if size.target is torch.ops.aten.sym_size.int:
+        return size.args[1] == 0
+    if size.target is operator.getitem and size.args[1] == 0:
+        shape = size.args[0]
+        return isinstance(shape, fx.Node) and (
+            (shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1)
+            or (shape.op == "call_function" and shape.target is getattr
+                and shape.args[1] == "shape"))
+    return False
+
+
+def _erase_unused_sizes(graph: fx.Graph, sizes: list) -> None:
+    """Remove the size reads among ``sizes`` (and the shapes they index) that nothing reads."""
+    pending = [size for size in sizes if isinstance(size, fx.Node)]
+    while pending:
+        size = pending.pop()
+        reads_size = (size.op == "call_method" and size.target == "size") or (
+            size.op == "call_function" and size.target in _SIZE_FUNCTIONS)
+        if reads_size and not size.users:
+            pending += [a for a in size.args if isinstance(a, fx.Node) and a.op != "placeholder"]
+            graph.erase_node(size)
 
 
 def _canonical_function(node: fx.Node, x):

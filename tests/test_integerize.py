@@ -10,13 +10,15 @@ rounding ties, and the output argmax agrees everywhere.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qcompile
-from quantized_models import quantized
+from quantized_models import images, quantized
 from qcompile import integer_ir as ir
 from qcompile.data import load_builtin
 from qcompile.errors import IntegerizeError
+from qcompile.ir.export_frontend import from_exported_program
 from qcompile.models import SmallCNN
 from qcompile.quant import Quantizer, available_methods
 
@@ -71,6 +73,31 @@ def test_exported_programs_integerize_as_their_modules_do(arch):
     integer_graph, _ = assert_faithful(qm, x)
     reference = qcompile.integerize(quantized(arch, "lsq", 4)[0])
     assert [type(op) for op in integer_graph.ops] == [type(op) for op in reference.ops]
+
+
+class ViewedLeNet(nn.Module):
+    """Flattens with ``x.view(x.size(0), -1)``, as much hand-written model code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 5)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_a_model_that_flattens_with_view_has_an_integer_program(exported):
+    torch.manual_seed(0)
+    model, x = ViewedLeNet().eval(), images("small")
+    if exported:  # at batch 1, which the program then fixes in its view
+        model = from_exported_program(torch.export.export(model, (x[:1],)))
+    qm = qcompile.quantize(model, (x[:1],), bits=2, method="lsq", calib_data=[(x,)])
+    integer_graph, _ = assert_faithful(qm, x)
+    assert sum(isinstance(op, ir.Reshape) for op in integer_graph.ops) == 1
 
 
 @pytest.mark.slow

@@ -6,7 +6,14 @@ frontend raises each ATen convolution, linear and batch-norm call whose paramete
 ``get_attr`` nodes back into an ``nn.Conv1d/Conv2d/Linear/BatchNorm*d`` at its original module
 path, called as a ``call_module`` node. In-place ATen ops from a small table become out-of-place
 torch functions (``aten.relu_`` -> ``F.relu``, ``aten.add_.Tensor`` -> ``operator.add``) when
-nothing else can observe the mutation; every other ATen op is left as it is.
+nothing else can observe the mutation, and pools, flatten and concatenation become their torch
+functions (``aten.max_pool2d`` -> ``F.max_pool2d``); every other ATen op is left as it is.
+
+A program exported for one batch size spells ``x.view(x.size(0), -1)`` as ``view(x, [1, -1])``;
+the IR runs at any batch (calibration and training batches), so where a view or reshape asks for
+the exported batch as its first size, on a tensor whose dimension 0 is that batch, the size is
+read from the tensor instead (``aten.sym_size.int(x, 0)``, as a program exported with a dynamic
+batch has it). ``canonicalize`` then sees a flatten.
 
 Only eval-mode batch norm (``training=False``) is raised: a training-mode call also updates
 running statistics, which the exported graph spells out with its own ops.
@@ -65,6 +72,7 @@ def from_exported_program(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op == "call_module" and node.target == _GUARD_MODULE and not node.users:
             graph.erase_node(node)
+    _read_batch_sizes(graph, placeholders)
 
     root = nn.Module()
     raised = _LayerRaiser(source, root)
@@ -82,6 +90,30 @@ def from_exported_program(ep: torch.export.ExportedProgram) -> fx.GraphModule:
             _copy_attribute(source, root, node.target)
     gm = fx.GraphModule(root, graph, class_name=type(source).__name__)
     return gm.eval()
+
+
+_VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _read_batch_sizes(graph: fx.Graph, inputs: list[fx.Node]) -> None:
+    """Views and reshapes of a program with one input of a fixed batch size read that size from
+    the tensor they view (module docstring)."""
+    shapes = [getattr(node.meta.get("val"), "shape", None) for node in inputs]
+    if len(shapes) != 1 or not shapes[0] or type(shapes[0][0]) is not int:
+        return
+    batch = shapes[0][0]
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _VIEW_OPS or len(node.args) < 2:
+            continue
+        tensor, sizes = node.args[0], node.args[1]
+        shape = getattr(tensor.meta.get("val"), "shape", None) if isinstance(
+            tensor, fx.Node) else None
+        if not sizes or type(sizes[0]) is not int or sizes[0] != batch or not shape or (
+                shape[0] != batch):
+            continue
+        with graph.inserting_before(node):
+            size = graph.call_function(aten.sym_size.int, (tensor, 0))
+        node.args = (tensor, [size, *sizes[1:]], *node.args[2:])
 
 
 class _LayerRaiser:

@@ -158,6 +158,47 @@ def test_an_in_place_op_on_a_flattened_view_stays_in_place():
     assert (gm(x) >= 0).all()
 
 
+class ClassicHead(nn.Module):
+    """``x.view(x.size(0), -1)`` before the classifier, as much hand-written model code has it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_view_of_the_batch_runs_at_every_batch_size_and_canonicalizes_to_flatten(dynamic):
+    """Exported at batch 2 the view asks for ``[2, -1]``; lifted, it reads the batch from its
+    tensor, as the program exported with a dynamic batch does."""
+    model = ClassicHead().eval()
+    x = torch.randn(2, 1, 8, 8)
+    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=64)}} if dynamic else None
+    ep = torch.export.export(model, (x,), dynamic_shapes=shapes)
+    gm = from_exported_program(ep)
+    for batch in (1, 2, 5):
+        other = torch.randn(batch, 1, 8, 8)
+        torch.testing.assert_close(gm(other), model(other), rtol=0, atol=0)
+    out = qcompile.PassManager(["canonicalize"]).run(qcompile.trace(gm, (x,)), (x,))
+    targets = [n.target for n in out.graph.nodes if n.op == "call_function"]
+    assert targets == [F.relu, F.max_pool2d, torch.flatten]
+
+
+def test_a_view_of_another_size_keeps_its_sizes():
+    class Regrouped(nn.Module):
+        def forward(self, x):
+            return x.view(4, -1)
+
+    x = torch.randn(2, 8)
+    _, gm = lifted(Regrouped(), x)
+    assert not any(n.target == aten.sym_size.int for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), x.view(4, -1), rtol=0, atol=0)
+
+
 def test_weights_that_are_not_module_parameters_stay_aten():
     class Functional(nn.Module):
         def __init__(self):

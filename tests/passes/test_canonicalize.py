@@ -1,5 +1,6 @@
 import operator
 
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -94,3 +95,51 @@ def test_resnet18_has_one_relu_spelling_and_same_output():
     torch.testing.assert_close(out(x), model(x))
     assert not any(isinstance(m, nn.ReLU) for m in out.modules())
     assert call_targets(out).count(F.relu) == 17
+
+
+FLATTENING_VIEWS = {
+    "view(size(0), -1)": (lambda x: x.view(x.size(0), -1), (1, -1)),
+    "view(size()[0], -1)": (lambda x: x.view(x.size()[0], -1), (1, -1)),
+    "reshape(-1, C*H*W)": (lambda x: x.reshape(-1, 4 * 3 * 5), (1, -1)),
+    "torch.reshape(shape[0], -1)": (lambda x: torch.reshape(x, (x.shape[0], -1)), (1, -1)),
+    "view(size(0), C, -1)": (lambda x: x.view(x.size(0), 4, -1), (2, -1)),
+    "view((-1, C*H, W))": (lambda x: x.view((-1, 4 * 3, 5)), (1, 2)),
+}
+
+
+class Viewed(nn.Module):
+    def __init__(self, view):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 1)
+        self.view = view
+
+    def forward(self, x):
+        return self.view(self.conv(x)) * 2
+
+
+@pytest.mark.parametrize("name", FLATTENING_VIEWS)
+def test_a_view_that_flattens_becomes_flatten_for_every_batch_size(name):
+    """The sizes it read go with it, and the graph runs at other batch sizes, as the view did."""
+    view, dims = FLATTENING_VIEWS[name]
+    model = Viewed(view).eval()
+    out, _ = run(model, torch.randn(3, 2, 3, 5))
+    flattens = [n for n in out.graph.nodes if n.target is torch.flatten]
+    assert [tuple(n.args[1:]) for n in flattens] == [dims]
+    assert call_targets(out) == [torch.flatten, operator.mul]
+    for batch in (1, 3, 7):
+        x = torch.randn(batch, 2, 3, 5)
+        torch.testing.assert_close(out(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("view", [
+    lambda x: x.view(3, -1),  # a fixed batch
+    lambda x: x.reshape(x.size(0), 2, 2, 15),  # splits a dimension
+    lambda x: x.view(x.size(0), 3, 4, 5),  # the same number of elements, moved
+    lambda x: x.view(-1, 5),  # merges the batch too
+])
+def test_views_that_are_not_a_flatten_stay(view):
+    model = Viewed(view).eval()
+    x = torch.randn(3, 2, 3, 5)
+    out, _ = run(model, x)
+    assert torch.flatten not in call_targets(out)
+    torch.testing.assert_close(out(x), model(x), rtol=0, atol=0)
