@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompile.errors import ConfigError, InputError
+from qcompile.report import size_ratio
 
 
 def run_command(argv: list[str]) -> int:
@@ -56,7 +57,7 @@ def inspect_command(argv: list[str]) -> int:
               f"{layer['kernel']}")
     sizes = manifest["bytes"]
     print(f"parameters {sizes['params']} bytes, float32 weights {sizes['fp32_weights']} bytes "
-          f"({sizes['fp32_weights'] / max(sizes['params'], 1):.1f}x smaller); compiled in "
+          f"({size_ratio(sizes['params'], sizes['fp32_weights'])}); compiled in "
           f"{manifest['compile_seconds']} s")
     return 0
 

@@ -106,7 +106,7 @@ def format_table(rows: list[LayerRow]) -> str:
     total = f"total: {len(rows)} layers, {params:,} params, {macs:,} MACs, {_human_bytes(fp32)} as fp32"
     if any(row.weight_bits for row in rows):
         packed = sum(row.weight_bytes for row in rows)
-        total += f", {_human_bytes(round(packed))} at the assigned bits ({fp32 / packed:.1f}x smaller)"
+        total += f", {_human_bytes(round(packed))} at the assigned bits ({size_ratio(packed, fp32)})"
     lines.append(total)
     return "\n".join(lines)
 
@@ -152,3 +152,10 @@ def _human_bytes(count: int) -> str:
             return f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} GiB"
+
+
+def size_ratio(size: float, reference: float) -> str:
+    """``"12.2x smaller"`` (or ``"1.2x larger"``) for ``size`` bytes against ``reference``."""
+    if size <= reference:
+        return f"{reference / max(size, 1):.1f}x smaller"
+    return f"{size / max(reference, 1):.1f}x larger"

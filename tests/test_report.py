@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import qcompile
-from qcompile.report import LayerRow, format_table, layer_report
+from qcompile.report import LayerRow, format_table, layer_report, size_ratio
 
 
 class Scaled(nn.Module):
@@ -148,3 +148,9 @@ def test_linear_macs_match_torch_flop_counter(batch, features, outputs):
     linear = nn.Linear(features, outputs, bias=False)
     ours, torch_count = _single_layer_macs(linear, (batch, features))
     assert ours == torch_count
+
+
+def test_size_ratio_says_larger_when_the_packed_form_is():
+    """A tiny model's requantization tables can outweigh its float weights."""
+    assert size_ratio(100, 1200) == "12.0x smaller"
+    assert size_ratio(44280, 36256) == "1.2x larger"
