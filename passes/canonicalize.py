@@ -13,6 +13,9 @@ Matches and rewrites:
   (not a number, which would fix the batch), and the shapes propagated from the example inputs
   show consecutive dimensions merged after the first. The integer program and the ONNX export
   know flatten, and the sizes the view read are removed with it.
+- A mean over the spatial dimensions (``x.mean((2, 3))``, ``torch.mean(x, [-2, -1],
+  keepdim=True)``) becomes ``F.adaptive_avg_pool2d(x, 1)`` (1-d and 3-d alike), flattened from
+  dimension 1 unless the mean keeps its dimensions: the global pooling the integer program sums.
 In-place forms become out-of-place only when nothing reads the mutated tensor afterwards;
 otherwise the node is kept and the pass record says why. With example inputs in ``ctx``, output
 shapes are propagated onto the nodes.
@@ -46,6 +49,11 @@ def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             removed += 1
+            continue
+        pool = _mean_as_pool(node)
+        if pool is not None:
+            _replace_mean(gm.graph, node, *pool)
+            rewritten += 1
             continue
         form = _canonical_form(node, module)
         if form is None:
@@ -96,6 +104,46 @@ def _canonical_form(node: fx.Node, module: nn.Module | None):
     if node.op == "call_method":
         return _canonical_method(node, x)
     return None
+
+
+_ADAPTIVE_POOLS = {3: F.adaptive_avg_pool1d, 4: F.adaptive_avg_pool2d, 5: F.adaptive_avg_pool3d}
+
+
+def _mean_as_pool(node: fx.Node) -> tuple | None:
+    """``(x, pool, keepdim)`` when ``node`` is a mean over every dimension after the channels of
+    an (N, C, ...) tensor of 1-3 spatial dimensions (``x.mean((2, 3))``, ``torch.mean(x, [-2,
+    -1], keepdim=True)``), which is adaptive average pooling to size 1, else None."""
+    is_mean = (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target is torch.mean)
+    if not is_mean or not isinstance(node.args[0] if node.args else None, fx.Node):
+        return None
+    x = node.args[0]
+    meta = x.meta.get("tensor_meta")
+    dims = _argument(node, 1, "dim", None)
+    keepdim = _argument(node, 2, "keepdim", False)
+    if meta is None or len(meta.shape) not in _ADAPTIVE_POOLS or dims is None or (
+            set(node.kwargs) - {"dim", "keepdim"}) or not isinstance(keepdim, bool):
+        return None
+    rank = len(meta.shape)
+    dims = [dims] if isinstance(dims, int) else dims
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    if sorted(d % rank for d in dims) != list(range(2, rank)) or len(dims) != rank - 2:
+        return None
+    return x, _ADAPTIVE_POOLS[rank], keepdim
+
+
+def _replace_mean(graph: fx.Graph, node: fx.Node, x: fx.Node, pool, keepdim: bool) -> None:
+    """``node``, a mean over the spatial dimensions, as ``pool(x, 1)`` (then flattened from
+    dimension 1 unless the mean kept its dimensions)."""
+    with graph.inserting_after(node):
+        new = graph.call_function(pool, (x, 1))
+    if not keepdim:
+        with graph.inserting_after(new):
+            new = graph.call_function(torch.flatten, (new, 1))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
 
 
 _VIEW_METHODS = ("view", "reshape")

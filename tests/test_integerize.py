@@ -89,15 +89,30 @@ class ViewedLeNet(nn.Module):
         return self.fc(x.view(x.size(0), -1))
 
 
+class MeanPooledLeNet(ViewedLeNet):
+    """Pools globally with ``x.mean((2, 3))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+
+
 @pytest.mark.parametrize("exported", [False, True])
-def test_a_model_that_flattens_with_view_has_an_integer_program(exported):
+@pytest.mark.parametrize(("model_type", "op_type"), [(ViewedLeNet, ir.Reshape),
+                                                     (MeanPooledLeNet, ir.SumPool)])
+def test_models_that_flatten_with_view_or_pool_with_mean_have_an_integer_program(
+        model_type, op_type, exported):
     torch.manual_seed(0)
-    model, x = ViewedLeNet().eval(), images("small")
+    model, x = model_type().eval(), images("small")
     if exported:  # at batch 1, which the program then fixes in its view
         model = from_exported_program(torch.export.export(model, (x[:1],)))
     qm = qcompile.quantize(model, (x[:1],), bits=2, method="lsq", calib_data=[(x,)])
     integer_graph, _ = assert_faithful(qm, x)
-    assert sum(isinstance(op, ir.Reshape) for op in integer_graph.ops) == 1
+    assert sum(isinstance(op, op_type) for op in integer_graph.ops) == 1
 
 
 @pytest.mark.slow

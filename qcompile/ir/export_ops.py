@@ -52,10 +52,12 @@ STRUCTURAL: dict[Any, Callable] = {
     aten.adaptive_avg_pool3d.default: F.adaptive_avg_pool3d,
     aten.flatten.using_ints: torch.flatten,
     aten.cat.default: torch.cat,
+    aten.mean.dim: torch.mean,
 }
 """The pools, flatten and concatenation the integer program, the ONNX export and
-``quantize-boundaries`` know, and the torch function with the same arguments (an empty
-``stride``, the ATen default, means the kernel size to each of them)."""
+``quantize-boundaries`` know, and the mean ``canonicalize`` makes a pool of, each with the torch
+function of the same arguments (an empty ``stride``, the ATen default, means the kernel size to
+each of them)."""
 
 FRESH = (set(OUT_OF_PLACE.values()) | set(STRUCTURAL.values())) - {torch.flatten}
 """The torch functions above whose result is a new tensor (``torch.flatten`` may return a view

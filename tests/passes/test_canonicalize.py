@@ -143,3 +143,38 @@ def test_views_that_are_not_a_flatten_stay(view):
     out, _ = run(model, x)
     assert torch.flatten not in call_targets(out)
     torch.testing.assert_close(out(x), model(x), rtol=0, atol=0)
+
+
+SPATIAL_MEANS = {
+    "x.mean((2, 3))": (lambda x: x.mean((2, 3)), [F.adaptive_avg_pool2d, torch.flatten]),
+    "torch.mean(x, [-2, -1], keepdim=True)": (
+        lambda x: torch.mean(x, [-2, -1], keepdim=True), [F.adaptive_avg_pool2d]),
+    "x.mean(dim=(3, 2))": (lambda x: x.mean(dim=(3, 2)), [F.adaptive_avg_pool2d, torch.flatten]),
+    "1-d: x.flatten(2).mean(-1)": (lambda x: x.flatten(2).mean(-1),
+                                   [torch.flatten, F.adaptive_avg_pool1d, torch.flatten]),
+}
+
+
+@pytest.mark.parametrize("name", SPATIAL_MEANS)
+def test_a_mean_over_the_spatial_dimensions_becomes_adaptive_pooling(name):
+    view, targets = SPATIAL_MEANS[name]
+    model = Viewed(view).eval()
+    x = torch.randn(3, 2, 3, 5)
+    out, record = run(model, x)
+    assert call_targets(out) == [*targets, operator.mul]
+    torch.testing.assert_close(out(x), model(x))
+    rewritten = 1 + ("flatten(2)" in name)  # and x.flatten(2) to torch.flatten
+    assert record.notes == [f"removed 0 identity/dropout, rewrote {rewritten} ops to canonical form"]
+
+
+@pytest.mark.parametrize("mean", [
+    lambda x: x.mean((1, 2, 3)),  # the channels too
+    lambda x: x.mean(3),  # one of two spatial dimensions
+    lambda x: x.mean((2, 3), dtype=torch.float64),
+])
+def test_other_means_stay(mean):
+    model = Viewed(mean).eval()
+    x = torch.randn(3, 2, 3, 5)
+    out, _ = run(model, x)
+    assert not {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d} & set(call_targets(out))
+    torch.testing.assert_close(out(x), model(x))
