@@ -1,10 +1,11 @@
 """``qcompile run`` and ``qcompile inspect``: use and describe a compiled ``.qc`` artifact.
 
 ``qcompile run model.qc --input x.npy [--output y.npy] [--profile [CALLS]]`` runs the model on a
-saved array (the compiled input shape, float32) and prints the top class of each row; with
-``--profile`` it then times every kernel call over CALLS calls (default 20) and prints the
-slowest (:meth:`~qcompile.backends.tvm.compiled.CompiledModule.profile`); ``qcompile inspect
-model.qc`` prints the manifest: versions, target, shapes, per-layer bits and kernels, sizes.
+saved array (the compiled input shape, or a batch of a multiple of it, float32) and prints the
+top class of each row; with ``--profile`` it then times every kernel call over CALLS calls
+(default 20) on the first compiled batch and prints the slowest
+(:meth:`~qcompile.backends.tvm.compiled.CompiledModule.profile`); ``qcompile inspect model.qc``
+prints the manifest: versions, target, shapes, per-layer bits and kernels, sizes.
 """
 
 import argparse
@@ -19,7 +20,7 @@ from qcompile.report import size_ratio
 def run_command(argv: list[str]) -> int:
     parser = _parser("run", "run a compiled .qc model on an input array")
     parser.add_argument("artifact", help="a .qc file written by qcompile ... --out model.qc")
-    parser.add_argument("--input", required=True, help=".npy array of the compiled input shape")
+    parser.add_argument("--input", required=True, help=".npy array of the compiled input shape, or a batch of a multiple of it")
     parser.add_argument("--output", help="write the output array here (.npy)")
     parser.add_argument("--profile", nargs="?", const=20, type=int, metavar="CALLS",
                         help="then time every kernel call over CALLS calls (default 20) and "
@@ -35,7 +36,7 @@ def run_command(argv: list[str]) -> int:
     for row, scores in enumerate(y.reshape(y.shape[0], -1)):
         print(f"{row}: class {int(scores.argmax())} (score {float(scores.max()):.4f})")
     if args.profile is not None:
-        print(module.profile(x, calls=args.profile).table())
+        print(module.profile(x[:module.input_shape[0]], calls=args.profile).table())
     return 0
 
 

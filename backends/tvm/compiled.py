@@ -116,7 +116,8 @@ class CompiledModule:
             self._staged = tvm.runtime.empty(self.input_shape, "float32", self.device)
         return self._vm
 
-    def _input(self, x) -> tuple[tvm.runtime.Tensor, bool]:
+    def _array(self, x) -> tuple[np.ndarray, bool]:
+        """``x`` as a float32 array, and whether it was a torch tensor."""
         is_torch = isinstance(x, torch.Tensor)
         array = x.detach().cpu().numpy() if is_torch else x
         if not isinstance(array, np.ndarray):
@@ -124,16 +125,41 @@ class CompiledModule:
                              f"{type(x).__name__}")
         if array.dtype != np.float32:
             raise InputError(f"input dtype must be float32, got {array.dtype}")
+        return array, is_torch
+
+    def _input(self, x) -> tuple[tvm.runtime.Tensor, bool]:
+        array, is_torch = self._array(x)
         if tuple(array.shape) != self.input_shape:
             raise InputError(f"input shape must be {self.input_shape} (compiled for it), got "
                              f"{tuple(array.shape)}")
         self._staged.copyfrom(np.ascontiguousarray(array))
         return self._staged, is_torch
 
+    def _batches(self, array: np.ndarray) -> list[np.ndarray]:
+        """``array`` cut into inputs of the compiled shape: itself, or, where the output's first
+        dimension is the compiled batch too, consecutive slices of a batch that is a multiple of
+        the compiled one."""
+        batch = self.input_shape[0] if self.input_shape else 0
+        shape = tuple(array.shape)
+        if shape == self.input_shape:
+            return [array]
+        batched = self.output_shape[:1] == self.input_shape[:1] and batch > 0
+        if batched and shape[1:] == self.input_shape[1:] and shape[0] % batch == 0 and shape[0]:
+            return [array[k:k + batch] for k in range(0, shape[0], batch)]
+        more = f", or a batch of a multiple of {batch} such inputs" if batched else ""
+        raise InputError(f"input shape must be {self.input_shape} (compiled for it){more}, got "
+                         f"{shape}")
+
     def __call__(self, x):
+        """The model's output on ``x`` (numpy in, numpy out; torch in, torch out). A batch of
+        ``k`` times the compiled batch size runs as ``k`` calls, their outputs concatenated."""
         vm = self._machine()
-        data, is_torch = self._input(x)
-        out = vm["main"](data, *self._params).numpy()
+        array, is_torch = self._array(x)
+        outputs = []
+        for part in self._batches(array):
+            data, _ = self._input(part)
+            outputs.append(vm["main"](data, *self._params).numpy())
+        out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
         return torch.from_numpy(out) if is_torch else out
 
     def integer_activations(self, x) -> dict[str, torch.Tensor]:

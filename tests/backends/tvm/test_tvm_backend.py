@@ -130,12 +130,23 @@ def test_torch_and_numpy_inputs_and_their_errors(saved):
     out = compiled(x)
     assert isinstance(out, torch.Tensor) and out.shape == (1, 10)
     assert isinstance(compiled(x.numpy()), np.ndarray)
-    with pytest.raises(InputError, match=r"shape must be \(1, 1, 28, 28\)"):
-        compiled(np.zeros((2, 1, 28, 28), np.float32))
+    with pytest.raises(InputError, match=r"shape must be \(1, 1, 28, 28\).*multiple of 1"):
+        compiled(np.zeros((1, 1, 28, 27), np.float32))
+    with pytest.raises(InputError, match=r"got \(0, 1, 28, 28\)"):
+        compiled(np.zeros((0, 1, 28, 28), np.float32))
     with pytest.raises(InputError, match="float32"):
         compiled(x.double())
     with pytest.raises(InputError, match="numpy array or torch tensor"):
         compiled([[0.0]])
+
+
+def test_a_batch_of_inputs_runs_one_compiled_batch_at_a_time(saved):
+    compiled, _, _ = saved
+    x = load_builtin("mnist5k").test_x[:5]
+    rows = np.concatenate([compiled(x[k:k + 1].numpy()) for k in range(5)])
+    assert rows.shape == (5, 10) and len({tuple(row) for row in rows}) > 1
+    assert np.array_equal(compiled(x.numpy()), rows)
+    assert torch.equal(compiled(x), torch.from_numpy(rows))
 
 
 def test_profile_times_every_kernel_call_of_the_program(saved):

@@ -57,33 +57,36 @@ def test_inspect_describes_the_artifact(artifact):
 
 def test_run_prints_classes_and_writes_the_output(artifact):
     folder, _ = artifact
-    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
     np.save(folder / "x.npy", x)
     result = run_cli("run", "model.qc", "--input", "x.npy", "--output", "y.npy", cwd=folder)
     assert result.returncode == 0, result.stderr
     y = np.load(folder / "y.npy")
-    assert result.stdout.startswith(f"0: class {int(y.argmax())}")
-    assert np.array_equal(y, qcompile.load(folder / "model.qc")(x))
+    assert [line.split(" (")[0] for line in result.stdout.splitlines()] == [
+        f"{k}: class {int(row.argmax())}" for k, row in enumerate(y)]
+    module = qcompile.load(folder / "model.qc")  # compiled for one input: three calls
+    assert np.array_equal(y, np.concatenate([module(x[k:k + 1]) for k in range(3)]))
 
 
 def test_run_profiles_the_kernels_on_request(artifact):
     folder, _ = artifact
-    np.save(folder / "xp.npy", np.zeros((1, 1, 28, 28), np.float32))
+    np.save(folder / "xp.npy", np.zeros((2, 1, 28, 28), np.float32))
     result = run_cli("run", "model.qc", "--input", "xp.npy", "--profile", "2", cwd=folder)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("0: class ") and lines[1].startswith("profile: median of 2 calls")
+    assert lines[1].startswith("1: class ") and lines[2].startswith("profile: median of 2 calls")
     symbol = "amx_conv" if low_bit_kernel("llvm") == "amx" else "bitserial_conv"
-    assert any(symbol in line for line in lines[3:])
+    assert any(symbol in line for line in lines[4:])
     one_line_error(run_cli("run", "model.qc", "--input", "xp.npy", "--profile", "0",
                            cwd=folder), "at least one call")
 
 
 def test_run_rejects_a_wrong_input_in_one_line(artifact):
     folder, _ = artifact
-    np.save(folder / "wrong.npy", np.zeros((2, 1, 28, 28), np.float32))
+    np.save(folder / "wrong.npy", np.zeros((2, 1, 28, 27), np.float32))
     one_line_error(run_cli("run", "model.qc", "--input", "wrong.npy", cwd=folder),
-                   "input shape must be (1, 1, 28, 28)")
+                   "input shape must be (1, 1, 28, 28) (compiled for it), or a batch of a "
+                   "multiple of 1 such inputs, got (2, 1, 28, 27)")
     (folder / "broken.qc").write_bytes(b"not an artifact")
     np.save(folder / "x1.npy", np.zeros((1, 1, 28, 28), np.float32))
     one_line_error(run_cli("run", "broken.qc", "--input", "x1.npy", cwd=folder),
