@@ -126,7 +126,7 @@ class _Lowering:
             scale, bias, bound = source.scale, source.bias, source.bound
         thresholds, direction = staircase(scale, bias, decision_thresholds(spec), bound,
                                           low, high)
-        exact = fixed_point(thresholds, bound) if spec.thresholds is None else None
+        exact = fixed_point(thresholds, bound)
         self._emit(ir.Requantize(name, integer, thresholds, direction, exact), fmt)
 
     # -- walking up through ops that commute with a staircase ---------------------------------

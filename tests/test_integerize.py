@@ -172,12 +172,15 @@ def test_integer_layers_hold_only_integers_and_match_float_layers():
         torch.testing.assert_close(y, simulated[op.name], rtol=1e-9, atol=1e-9)
 
 
-def test_requantization_uses_fixed_point_where_exact():
-    qm, x = quantized("small", "lsq", 4)
+@pytest.mark.parametrize(("method", "bits"), [("lsq", 4), ("qil", 2), ("qn", 2)])
+def test_requantization_uses_fixed_point_where_exact(method, bits):
+    """Quantizers that state their thresholds (QIL, QN) get the fixed-point form too where
+    their staircase is a line: every one of them here, freshly calibrated."""
+    qm, x = quantized("small", method, bits)
     integer_graph = qcompile.integerize(qm)
     requantize = [op for op in integer_graph.ops if isinstance(op, ir.Requantize)]
     fixed = [op for op in requantize if op.fixed_point is not None]
-    assert fixed, "no affine requantization found a fixed-point form"
+    assert fixed == requantize, "a uniform staircase found no fixed-point form"
     values = integer_graph.integer_activations(x)
     from qcompile.requantization import apply_staircase
     for op in fixed:
@@ -187,6 +190,18 @@ def test_requantization_uses_fixed_point_where_exact():
             source = fmt.levels[source]
         assert torch.equal(values[op.name],
                            apply_staircase(source, op.thresholds, op.direction))
+
+
+def test_thresholds_that_are_no_line_keep_their_table():
+    qm, x = quantized("small", "qn", 4)
+    quantizer = qm.get_submodule("input_quantizers.features_1_0_input")
+    with torch.no_grad():
+        quantizer.biases[0, 7] += 0.3  # the middle of 15 thresholds off its midpoint
+    integer_graph = qcompile.integerize(qm)
+    moved = next(op for op in integer_graph.ops if isinstance(op, ir.Requantize)
+                 and op.name == "input_quantizers_features_1_0_input")
+    assert moved.fixed_point is None
+    assert_faithful(qm, x)
 
 
 def test_size_report_counts_packed_bytes():
