@@ -223,12 +223,15 @@ class _Builder:
                 self._quantize_affine(op, value, scale, zero, first - offset)
                 self.folded[op.name] = ([value], ONE)
             return
-        count = spec.thresholds.shape[-1]
-        symbol = f"quantize_t{count}_{shape_tag(shape)}"
+        thresholds = np.ascontiguousarray(spec.thresholds.double().reshape(-1).numpy())
+        count, ordered = len(thresholds), bool((np.diff(thresholds) >= 0).all())
+        line = glue.threshold_line(thresholds)
+        form = f"l{abs(hash(line)) % 10**8}" if line else "o" * ordered
+        symbol = f"quantize_t{count}{form}_{shape_tag(shape)}"
         self.call(op.name, symbol,
                   lambda: glue.quantize_thresholds(shape, count, op.low, op.high, self.target,
-                                                   symbol),
-                  [op.input, np.ascontiguousarray(spec.thresholds.double().reshape(-1).numpy())])
+                                                   symbol, ordered, line),
+                  [op.input, thresholds])
 
     def _quantize_affine(self, op: ir.Quantize, value: str, scale: float, zero: float,
                          first: int, trace_only: bool = False) -> None:

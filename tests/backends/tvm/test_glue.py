@@ -3,6 +3,7 @@ windows and thresholds, built for this CPU; pooling's windows in closed form aga
 affine terms and table requantization against the reference staircase."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 import tvm
@@ -290,6 +291,61 @@ def test_input_quantize_rounds_as_the_float32_reference(scale, zero_point, seed)
     func = glue.quantize_affine(x.shape, scale, zero_point, -128, 127, -128, -np.inf, np.inf,
                                 CPU, "quantize")
     np.testing.assert_array_equal(run(func, x, out_shape=x.shape), expected)
+
+
+def assert_counts_thresholds_reached(thresholds, clamp, rng, form="line"):
+    """The input quantization by ``thresholds`` counts those a float32 input reaches: at each
+    threshold, one float32 step either side, at random and far outside."""
+    count = len(thresholds)
+    spacing = (thresholds.max() - thresholds.min()) / (count - 1)
+    line = thresholds.min() + spacing * np.arange(count)
+    guess = glue.threshold_line(thresholds)
+    assert (guess is not None) == (form == "line")
+    at = thresholds.astype("float32")
+    x = np.concatenate([np.nextafter(at, -np.inf), at, np.nextafter(at, np.inf),
+                        (rng.standard_normal(50) * spacing * count).astype("float32"),
+                        np.float32([-1e30, 1e30, line[0] - 3 * spacing, line[-1] + 3 * spacing])])
+    x = x.astype("float32").reshape(1, 1, 1, -1)
+    low, high = (float(line[count // 4]), float(line[3 * count // 4])) if clamp else (
+        -np.inf, np.inf)
+    expected = (np.clip(x.astype("float64"), low, high)[..., None] >= thresholds).sum(-1)
+    func = glue.quantize_thresholds(x.shape, count, low, high, CPU, "quantize",
+                                    ordered=form != "unsorted", line=guess)
+    np.testing.assert_array_equal(run(func, x, thresholds, out_shape=x.shape), expected)
+
+
+@pytest.mark.parametrize("jitter", ["none", "alternating", "random"])
+@pytest.mark.parametrize("clamp", [False, True])
+def test_input_quantize_guesses_from_a_line_of_thresholds(jitter, clamp):
+    """Thresholds up to a fifth of their spacing off the line (the ends on it): the guess and
+    its window count exactly where a threshold sits above or below its place on the line."""
+    rng = np.random.default_rng(0)
+    count, spacing = 255, 0.0123
+    offsets = {"none": np.zeros(count), "alternating": 0.2 * (-1.0) ** np.arange(count),
+               "random": rng.uniform(-0.2, 0.2, count)}[jitter]
+    offsets[[0, -1]] = 0
+    thresholds = -1.3 + spacing * (np.arange(count) + offsets)
+    assert_counts_thresholds_reached(thresholds, clamp, rng)
+
+
+@EXAMPLES
+@given(count=st.integers(17, 255), form=st.sampled_from(["sorted", "unsorted"]),
+       clamp=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_input_quantize_by_thresholds_off_a_line_counts_those_reached(count, form, clamp, seed):
+    """Sorted thresholds in two levels, others one by one."""
+    rng = np.random.default_rng(seed)
+    thresholds = rng.uniform(-10, 10, count)
+    assert_counts_thresholds_reached(np.sort(thresholds) if form == "sorted" else thresholds,
+                                     clamp, rng, form)
+
+
+def test_thresholds_off_their_line_are_not_guessed_from_it():
+    line = 0.5 * np.arange(40)
+    assert glue.threshold_line(line) == (0.0, 0.5)
+    moved = line.copy()
+    moved[20] += 0.13  # more than a quarter of the spacing off
+    assert glue.threshold_line(moved) is None
+    assert glue.threshold_line(line[:16]) is None  # few enough to compare one by one
 
 
 def test_input_quantize_loads_rows_as_vectors():
