@@ -34,7 +34,11 @@ import torch
 
 from qcompile.quant.base import IntegerSpec
 
-MAX_SHIFT = 31
+MAX_SHIFT = 48
+"""The largest shift :func:`fixed_point` tries. A wide accumulator range (a 3x7x7 8-bit first
+layer reaches 1.7e6) narrows the slopes that reproduce 255 thresholds to a few 1e-10, which a
+shift of 31 cannot resolve; ``V * m`` stays below ``2^61`` and ``k * 2^shift`` below ``2^57``,
+so the offsets and the fixed-point sum stay in int64."""
 MAX_MULTIPLIER = 2**31 - 1
 
 
@@ -174,6 +178,8 @@ def _fit(t: np.ndarray, skipped: np.ndarray, low: np.ndarray, high: int
     slope_low, slope_high = _slope_bounds(t, inside)
     for shift in range(MAX_SHIFT + 1):
         one = 1 << shift
+        if (t.shape[1] + 1) * one >= 2**57:
+            break
         m = np.floor(slope_low * one).astype(np.int64) + 1
         if (m >= slope_high * one).any() or (m > MAX_MULTIPLIER).any() or (
                 m * high >= 2**61).any():

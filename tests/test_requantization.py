@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -131,6 +133,27 @@ def test_fixed_point_after_a_clamp_starts_at_the_first_threshold(ratios, bias, b
     v = accumulators(len(ratios))
     assert torch.equal(found.apply(v, direction, 2**bits - 1),
                        apply_staircase(v, integer, direction))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fixed_point_covers_a_wide_accumulator_range(seed):
+    """8-bit staircases over accumulators up to 1.7e6 (a 3x7x7 8-bit first layer) need shifts
+    past 31 to resolve their slopes (31 found 7 of 40 such); found, each is exact at every
+    threshold and either side. (Ratios drawn at random: a ratio whose thresholds fall on exact
+    integers in float64 can round into a pattern no line makes.)"""
+    bound = 1_710_720
+    spec = IntegerSpec(8, torch.arange(256), torch.tensor([1.0]), torch.tensor([0]))
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        scale = torch.tensor([rng.choice([1, -1]) * rng.uniform(1e-4, 1e-3)], dtype=torch.float64)
+        integer, direction = staircase(scale, torch.tensor([rng.uniform(-3, 3)]),
+                                       decision_thresholds(spec), bound, 0.0)
+        found = fixed_point(integer, bound)
+        assert found is not None, "a uniform staircase has a fixed-point form"
+        t = integer[0][(integer[0] > -bound) & (integer[0] <= bound)]
+        v = torch.cat([t - 1, t, t + 1, torch.tensor([-bound, bound])]).clamp(-bound, bound)
+        v = v.reshape(-1, 1)
+        assert torch.equal(found.apply(v, direction, 255), apply_staircase(v, integer, direction))
 
 
 def test_fixed_point_refuses_a_non_uniform_staircase():
