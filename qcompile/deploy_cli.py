@@ -1,9 +1,10 @@
 """``qcompile run`` and ``qcompile inspect``: use and describe a compiled ``.qc`` artifact.
 
 ``qcompile run model.qc --input x.npy [--output y.npy] [--profile [CALLS]]`` runs the model on a
-saved array (the compiled input shape, or a batch of a multiple of it, float32) and prints the
-top class of each row; with ``--profile`` it then times every kernel call over CALLS calls
-(default 20) on the first compiled batch and prints the slowest
+saved array (the compiled input shape, or a batch of a multiple of it; float32, float64, or
+uint8 images, scaled to [0, 1] as ``--data`` scales them) and prints the top class of each row;
+with ``--profile`` it then times every kernel call over CALLS calls (default 20) on the first
+compiled batch and prints the slowest
 (:meth:`~qcompile.backends.tvm.compiled.CompiledModule.profile`); ``qcompile inspect model.qc``
 prints the manifest: versions, target, shapes, per-layer bits and kernels, sizes.
 """
@@ -78,6 +79,8 @@ def _array(path: str) -> np.ndarray:
         raise InputError(f"--input {path} is not a .npy array ({error})") from None
     if array.dtype == np.float64:
         array = array.astype(np.float32)
+    elif array.dtype == np.uint8:  # images, scaled to [0, 1] as --data reads a .npz of them
+        array = array.astype(np.float32) / np.float32(255)
     return array
 
 

@@ -68,6 +68,17 @@ def test_run_prints_classes_and_writes_the_output(artifact):
     assert np.array_equal(y, np.concatenate([module(x[k:k + 1]) for k in range(3)]))
 
 
+def test_run_scales_uint8_images_as_training_data_is_scaled(artifact):
+    folder, _ = artifact
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 1, 28, 28)).astype(np.uint8)
+    np.save(folder / "pixels.npy", pixels)
+    result = run_cli("run", "model.qc", "--input", "pixels.npy", "--output", "yp.npy",
+                     cwd=folder)
+    assert result.returncode == 0, result.stderr
+    expected = qcompile.load(folder / "model.qc")(pixels.astype(np.float32) / np.float32(255))
+    assert np.array_equal(np.load(folder / "yp.npy"), expected)
+
+
 def test_run_profiles_the_kernels_on_request(artifact):
     folder, _ = artifact
     np.save(folder / "xp.npy", np.zeros((2, 1, 28, 28), np.float32))
