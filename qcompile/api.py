@@ -37,11 +37,11 @@ def quantize(
 
     Runs ``passes`` (default: the ``default`` preset: canonicalize, estimate-bn, fold-bn in
     QAT mode, assign-bits, insert-quantizers, quantize-boundaries). ``budget`` switches
-    assign-bits to its sensitivity policy: ``{"size": 0.1}`` (fraction of fp32 weight bytes) or ``{"bops": 0.02}``, with optional
-    ``"bits_choices": "2,3,4,8"``. ``calib_data``: an iterable of batches of model inputs (tuples
-    or bare tensors; a ``DataLoader``'s ``(inputs, labels)`` batches give their inputs), read
-    once and only as far as calibration goes, or one batch as a tensor, or a ``Dataset``
-    (:func:`~qcompile.quant.calibration.calibration_batches`).
+    assign-bits to its sensitivity policy: ``{"size": 0.1}`` (fraction of fp32 weight bytes)
+    or ``{"bops": 0.02}``, with optional ``"bits_choices": "2,3,4,8"``. ``calib_data``: an
+    iterable of batches of model inputs (tuples or bare tensors; a ``DataLoader``'s ``(inputs,
+    labels)`` batches give their inputs), read once and only as far as calibration goes, or one
+    batch as a tensor, or a ``Dataset`` (:func:`~qcompile.quant.calibration.calibration_batches`).
     ``first_last_method`` quantizes the first and last layers with another method than
     ``method`` (``"lsq"``: a learned uniform step for their 8 bits); unset, they take ``method``,
     except that ``"qn"`` quantizes first and last layers of more than 4 bits with LSQ

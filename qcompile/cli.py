@@ -221,8 +221,8 @@ def _compile(argv: list[str], write: bool) -> int:
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     channels = training_run.input_channels(loaded.module,
                                            args.input_shape or loaded.example_input_shape)
-    wanted = args.input_shape or (loaded.example_input_shape if loaded.shape_is_fixed else None)
-    data = training_run.load_training_data(args, channels, wanted)
+    data = training_run.load_training_data(args, channels, training_run.required_shape(
+        args.input_shape, loaded.example_input_shape, loaded.shape_is_fixed))
     shape = training_run.example_shape(data, args.input_shape, loaded.example_input_shape,
                                        loaded.shape_is_fixed)
     if shape is None:

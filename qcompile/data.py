@@ -215,12 +215,17 @@ def _tensors(x: np.ndarray, y: np.ndarray, path: Path) -> tuple[torch.Tensor, to
     if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"{path}: labels must be one integer per input; got inputs of shape "
                           f"{x.shape} and labels of shape {y.shape}, dtype {y.dtype}")
-    inputs = torch.from_numpy(x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0))
+    inputs = torch.from_numpy(float_inputs(x))
     if inputs.dim() == 3:
         inputs = inputs.unsqueeze(1)
     elif inputs.dim() == 4 and inputs.shape[-1] <= 4 and inputs.shape[-1] < inputs.shape[1]:
         inputs = inputs.permute(0, 3, 1, 2).contiguous()
     return inputs, torch.from_numpy(y.astype(np.int64))
+
+
+def float_inputs(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32, uint8 images scaled to [0, 1]."""
+    return x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
 
 
 def _stratified_split(labels, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qcompile.data import float_inputs
 from qcompile.errors import ConfigError, InputError
 from qcompile.report import size_ratio
 
@@ -21,7 +22,9 @@ from qcompile.report import size_ratio
 def run_command(argv: list[str]) -> int:
     parser = _parser("run", "run a compiled .qc model on an input array")
     parser.add_argument("artifact", help="a .qc file written by qcompile ... --out model.qc")
-    parser.add_argument("--input", required=True, help=".npy array of the compiled input shape, or a batch of a multiple of it")
+    parser.add_argument("--input", required=True,
+                        help=".npy array of the compiled input shape, or a batch of a multiple "
+                             "of it")
     parser.add_argument("--output", help="write the output array here (.npy)")
     parser.add_argument("--profile", nargs="?", const=20, type=int, metavar="CALLS",
                         help="then time every kernel call over CALLS calls (default 20) and "
@@ -77,10 +80,8 @@ def _array(path: str) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as error:
         raise InputError(f"--input {path} is not a .npy array ({error})") from None
-    if array.dtype == np.float64:
-        array = array.astype(np.float32)
-    elif array.dtype == np.uint8:  # images, scaled to [0, 1] as --data reads a .npz of them
-        array = array.astype(np.float32) / np.float32(255)
+    if array.dtype in (np.float64, np.uint8):  # uint8 images scaled as --data scales them
+        array = float_inputs(array)
     return array
 
 

@@ -106,7 +106,8 @@ def format_table(rows: list[LayerRow]) -> str:
     total = f"total: {len(rows)} layers, {params:,} params, {macs:,} MACs, {_human_bytes(fp32)} as fp32"
     if any(row.weight_bits for row in rows):
         packed = sum(row.weight_bytes for row in rows)
-        total += f", {_human_bytes(round(packed))} at the assigned bits ({size_ratio(packed, fp32)})"
+        total += (f", {_human_bytes(round(packed))} at the assigned bits "
+                  f"({size_ratio(packed, fp32)})")
     lines.append(total)
     return "\n".join(lines)
 

@@ -81,6 +81,13 @@ def input_channels(model: torch.nn.Module, shape: tuple[int, ...] | None) -> int
     return None if first is None else first.in_channels
 
 
+def required_shape(given: tuple[int, ...] | None, model: tuple[int, ...] | None,
+                   fixed: bool) -> tuple[int, ...] | None:
+    """The input shape asked for: ``given`` (--input-shape), else the model's where it takes
+    that shape only (``fixed``), else None."""
+    return given or (model if fixed else None)
+
+
 def example_shape(data: Datasets | None, given: tuple[int, ...] | None,
                   model: tuple[int, ...] | None, fixed: bool) -> tuple[int, ...] | None:
     """The shape of the example input the model is traced with: ``given`` (--input-shape),
@@ -92,7 +99,7 @@ def example_shape(data: Datasets | None, given: tuple[int, ...] | None,
     if data is None:
         return given or model
     shape = (1, *data.input_shape)
-    wanted = given or (model if fixed else None)
+    wanted = required_shape(given, model, fixed)
     if wanted is not None and tuple(wanted[1:]) != shape[1:]:
         if given:
             raise ConfigError(f"--input-shape {','.join(map(str, given))} does not fit --data "

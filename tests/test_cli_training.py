@@ -197,8 +197,8 @@ def test_an_image_folder_is_resized_to_the_input_shape_asked_for(tmp_path, monke
     program = torch.export.export(model, (torch.randn(1, 1, 20, 20),))
     torch.export.save(program, tmp_path / "small.pt2")
     monkeypatch.chdir(tmp_path)
-    for argv, shape in ((["small.pt", "--arch", ARCH, "--input-shape", "2,1,16,16"], (2, 1, 16, 16)),
-                        (["small.pt2"], (1, 1, 20, 20))):
+    for argv, shape in ((["small.pt", "--arch", ARCH, "--input-shape", "2,1,16,16"],
+                         (2, 1, 16, 16)), (["small.pt2"], (1, 1, 20, 20))):
         run = f"run{shape[-1]}"
         code = cli.main([*argv, "--data", data, "--epochs", "1", "--checkpoint-dir", run,
                          "--out", f"{run}.qc"])

@@ -164,7 +164,8 @@ def test_a_mean_over_the_spatial_dimensions_becomes_adaptive_pooling(name):
     assert call_targets(out) == [*targets, operator.mul]
     torch.testing.assert_close(out(x), model(x))
     rewritten = 1 + ("flatten(2)" in name)  # and x.flatten(2) to torch.flatten
-    assert record.notes == [f"removed 0 identity/dropout, rewrote {rewritten} ops to canonical form"]
+    assert record.notes == [
+        f"removed 0 identity/dropout, rewrote {rewritten} ops to canonical form"]
 
 
 @pytest.mark.parametrize("mean", [
