@@ -8,6 +8,7 @@ same quantized graph and continues from the run's checkpoint.
 
 import argparse
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,15 +19,19 @@ from qcompile.data import Datasets, load_data
 from qcompile.errors import ConfigError, QcompileError, TrainingInterrupted
 
 CALIBRATION_EXAMPLES = 256
+DEFAULTS = {"epochs": 8, "lr": 1e-3, "batch_size": 64}
+"""The training numbers an option leaves unset takes (set by :func:`check_training_flags`, so
+that one given without --data can be told from the default)."""
 PROGRESSIVE_CHOICES = ("bits", "weights-first", "both")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training (QAT)")
     group.add_argument("--data", help="train on: mnist5k, digits, imagefolder:PATH or a .npz file")
-    group.add_argument("--epochs", type=int, default=8, help="QAT epochs (default 8)")
-    group.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    group.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    group.add_argument("--epochs", type=int, help=f"QAT epochs (default {DEFAULTS['epochs']})")
+    group.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULTS['lr']})")
+    group.add_argument("--batch-size", type=int,
+                       help=f"batch size (default {DEFAULTS['batch_size']})")
     group.add_argument("--distill", action="store_true",
                        help="distil from the float model (knowledge distillation)")
     group.add_argument("--progressive", nargs="?", const="bits", choices=PROGRESSIVE_CHOICES,
@@ -47,14 +52,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_training_flags(args: argparse.Namespace) -> None:
-    """Training options without --data, or with counts that are not positive: ConfigError."""
+    """Training options without --data, counts that are not positive or a learning rate that is
+    not a non-negative number: ConfigError, before anything runs. Sets the unset numbers to
+    :data:`DEFAULTS`."""
     if args.data is None:
-        for flag in ("distill", "progressive", "stochastic_precision", "resume", "compile",
-                     "fixed_thresholds"):
-            if getattr(args, flag):
+        for flag in ("epochs", "lr", "batch_size", "checkpoint_dir", "distill", "progressive",
+                     "stochastic_precision", "resume", "compile", "fixed_thresholds"):
+            if getattr(args, flag) not in (None, False):
                 raise ConfigError(f"--{flag.replace('_', '-')} trains the model: give --data too")
-    elif args.epochs < 1 or args.batch_size < 1:
+    for name, default in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.epochs < 1 or args.batch_size < 1:
         raise ConfigError("--epochs and --batch-size must be positive integers")
+    if not (math.isfinite(args.lr) and args.lr >= 0):
+        raise ConfigError(f"--lr must be a finite non-negative number, got {args.lr}")
 
 
 def load_training_data(args: argparse.Namespace, channels: int | None = None,

@@ -284,6 +284,10 @@ def test_bits_reach_the_pipeline_and_the_table(tmp_path, small_weights, monkeypa
         (["--leaf", "Nothing", "--input-shape", SMALL_SHAPE], "--leaf 'Nothing'"),
         (["--fixed-thresholds", "--method", "qn", "--input-shape", SMALL_SHAPE],
          "--fixed-thresholds trains the model: give --data too"),
+        (["--epochs", "3", "--input-shape", SMALL_SHAPE], "--epochs trains the model: give --data"),
+        (["--lr", "0.01", "--input-shape", SMALL_SHAPE], "--lr trains the model: give --data"),
+        (["--checkpoint-dir", "run", "--input-shape", SMALL_SHAPE],
+         "--checkpoint-dir trains the model: give --data"),
     ],
 )
 def test_option_errors_are_one_line(tmp_path, small_weights, monkeypatch, capsys, args, fragment):
@@ -291,6 +295,16 @@ def test_option_errors_are_one_line(tmp_path, small_weights, monkeypatch, capsys
     assert code == 2
     (line,) = err.strip().splitlines()
     assert line.startswith("qcompile: error: ") and fragment in line
+
+
+@pytest.mark.parametrize("lr", ["-1", "nan", "inf"])
+def test_a_learning_rate_that_cannot_train_is_refused_before_any_pass(tmp_path, small_weights,
+                                                                      monkeypatch, capsys, lr):
+    code, out, err = run_main(monkeypatch, capsys, tmp_path, "small.pt", "--arch", SMALL_ARCH,
+                              "--data", "digits", f"--lr={lr}")
+    assert code == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert line == f"qcompile: error: --lr must be a finite non-negative number, got {float(lr)}"
 
 
 def test_internal_error_is_one_line_with_traceback_on_request(monkeypatch, capsys):
