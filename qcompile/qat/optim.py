@@ -6,6 +6,7 @@ learning rate and without weight decay, which would otherwise shrink them toward
 them the quantization range; biases and normalization parameters carry no weight decay either.
 """
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ class OptimConfig:
         checked = ["lr", "weight_decay"] + ["quantizer_lr"] * (self.quantizer_lr is not None)
         for name in checked:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-                raise ConfigError(f"{name} must be a non-negative number, got "
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not 0 <= value < math.inf):
+                raise ConfigError(f"{name} must be a finite non-negative number, got "
                                   f"{getattr(self, name)!r}")
 
 

@@ -1,6 +1,7 @@
 """The training loop: learning on real data, parameter groups, inputs, LR schedules, metrics."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -134,7 +135,10 @@ def test_bad_settings_are_config_errors(bad, fragment):
 
 
 @pytest.mark.parametrize("bad, fragment", [
-    (dict(lr="0.1"), "lr must be a non-negative number, got '0.1'"),
+    (dict(lr="0.1"), "lr must be a finite non-negative number, got '0.1'"),
+    (dict(lr=math.inf), "lr must be a finite non-negative number, got inf"),
+    (dict(quantizer_lr=math.nan), "quantizer_lr must be a finite non-negative number, got nan"),
+    (dict(weight_decay=-1e-4), "weight_decay must be a finite non-negative number, got -0.0001"),
     (dict(schedules=["freeze"]), "schedules holds a str; a schedule subclasses"),
     (dict(teacher="float.pt"), "teacher must be an nn.Module"),
     (dict(teacher=SmallCNN(classes=5)), r"teacher's outputs have shape \(5,\) and the model's "
