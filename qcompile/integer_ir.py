@@ -25,12 +25,13 @@ and :class:`Dequantize` (an accumulator to float logits).
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from functools import cached_property
 
 import numpy as np
 import torch
 
-from qcompile.packing import packed_bytes, unpack_bits
+from qcompile.packing import WORD_BITS, packed_bytes, unpack_bits
 from qcompile.requantization import FixedPoint
 
 INT32_MAX = 2**31 - 1
@@ -234,6 +235,18 @@ class Dequantize:
 Op = Quantize | Conv | Linear | Add | Concat | SumPool | MaxPool | Reshape | Requantize | Dequantize
 
 
+class SizeRow(NamedTuple):
+    """One layer of :meth:`IntegerGraph.size_rows`: its weight bits, the weight's bytes at those
+    bits (``ceil(bits * count / 8)``), the bytes of the bit planes the program holds
+    (:attr:`PackedWeight.packed_bytes`, input channels padded to whole words) and as float32."""
+
+    layer: str
+    bits: int
+    at_bits: int
+    planes: int
+    fp32: int
+
+
 @dataclass
 class IntegerGraph:
     """Operations in execution order, the formats of their values, the graph's input and output.
@@ -261,18 +274,27 @@ class IntegerGraph:
     def layers(self) -> list[Conv | Linear]:
         return [op for op in self.ops if isinstance(op, (Conv, Linear))]
 
-    def size_rows(self) -> list[tuple[str, int, int, int]]:
-        """Per layer: name, weight bits, packed weight bytes, float32 weight bytes."""
-        return [(op.layer, op.weight.bits, op.weight.packed_bytes,
-                 4 * int(np.prod(op.weight.shape))) for op in self.layers()]
+    def size_rows(self) -> list["SizeRow"]:
+        """Per layer: :class:`SizeRow` (weight bits, bytes at those bits, bytes of this program's
+        bit planes, float32 bytes)."""
+        return [SizeRow(op.layer, op.weight.bits,
+                        -(-op.weight.bits * int(np.prod(op.weight.shape)) // 8),
+                        op.weight.packed_bytes, 4 * int(np.prod(op.weight.shape)))
+                for op in self.layers()]
 
     def size_report(self) -> str:
-        """Packed weight bytes against float32 bytes, per layer and in total."""
+        """Weight bytes at the assigned bits against float32 bytes, per layer and in total, with
+        the bytes of the bit planes this program holds them in."""
         rows = self.size_rows()
-        lines = [f"{'layer':32} {'bits':>4} {'packed B':>10} {'fp32 B':>10} {'ratio':>7}"]
-        for layer, bits, packed, full in rows:
-            lines.append(f"{layer:32} {bits:4d} {packed:10d} {full:10d} {full / packed:7.1f}x")
-        packed = sum(r[2] for r in rows)
-        full = sum(r[3] for r in rows)
-        lines.append(f"{'total':32} {'':4} {packed:10d} {full:10d} {full / max(packed, 1):7.1f}x")
+        lines = [f"{'layer':32} {'bits':>4} {'at bits B':>10} {'fp32 B':>10} {'ratio':>7} "
+                 f"{'planes B':>10}"]
+        for row in rows:
+            lines.append(f"{row.layer:32} {row.bits:4d} {row.at_bits:10d} {row.fp32:10d} "
+                         f"{row.fp32 / max(row.at_bits, 1):7.1f}x {row.planes:10d}")
+        at_bits, full, planes = (sum(getattr(r, name) for r in rows)
+                                 for name in ("at_bits", "fp32", "planes"))
+        lines.append(f"{'total':32} {'':4} {at_bits:10d} {full:10d} "
+                     f"{full / max(at_bits, 1):7.1f}x {planes:10d}")
+        lines.append("planes B: the weights as this program holds them, one bit plane per bit "
+                     f"with input channels {WORD_BITS} to a word")
         return "\n".join(lines)

@@ -204,17 +204,25 @@ def test_thresholds_that_are_no_line_keep_their_table():
     assert_faithful(qm, x)
 
 
-def test_size_report_counts_packed_bytes():
-    qm, _ = quantized("small", "qil", 2)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_size_report_counts_bytes_at_the_bits_and_the_bit_planes(bits):
+    qm, _ = quantized("small", "qil", bits)
     integer_graph = qcompile.integerize(qm)
     rows = integer_graph.size_rows()
-    for (_, bits, packed, full), op in zip(rows, integer_graph.layers(), strict=True):
+    for row, op in zip(rows, integer_graph.layers(), strict=True):
         c_out, c_in = op.weight.shape[:2]
         kernel = int(torch.Size(op.weight.shape[2:]).numel())
-        assert packed == bits * c_out * kernel * -(-c_in // 32) * 4 == op.weight.words.nbytes
-        assert full == 4 * op.weight.integers.numel()
-    text = integer_graph.size_report()
-    assert "total" in text and str(sum(r[2] for r in rows)) in text
+        assert row.planes == row.bits * c_out * kernel * -(-c_in // 32) * 4
+        assert row.planes == op.weight.words.nbytes
+        assert row.at_bits == -(-row.bits * op.weight.integers.numel() // 8)
+        assert row.fp32 == 4 * op.weight.integers.numel()
+    lines = integer_graph.size_report().splitlines()
+    for row, line in zip(rows, lines[1:], strict=False):
+        assert line.split() == [row.layer, str(row.bits), str(row.at_bits), str(row.fp32),
+                                f"{row.fp32 / row.at_bits:.1f}x", str(row.planes)]
+    at_bits, fp32 = sum(r.at_bits for r in rows), sum(r.fp32 for r in rows)
+    assert lines[len(rows) + 1].split()[:4] == ["total", str(at_bits), str(fp32),
+                                                f"{fp32 / at_bits:.1f}x"]
 
 
 class Unsupported(nn.Module):

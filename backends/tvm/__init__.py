@@ -47,7 +47,7 @@ def compile_module(model, target="llvm", input_shape=None) -> CompiledModule:
                     "input_bits": graph.values[op.input].bits,
                     "kernel": lowered.kernels.get(op.layer, "?")} for op in graph.layers()],
         "bytes": {"params": stored_bytes(lowered.params, lowered.stored),
-                  "fp32_weights": int(sum(r[3] for r in graph.size_rows()))},
+                  "fp32_weights": int(sum(row.fp32 for row in graph.size_rows()))},
         "compile_seconds": round(seconds, 2),
         "program": [{"value": value, "kernel": symbol} for value, symbol in lowered.program],
     }
