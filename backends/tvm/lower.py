@@ -415,8 +415,11 @@ def _epilogue(op: ir.Requantize) -> tuple[Epilogue, list[np.ndarray]]:
         return (Epilogue("fixed_point", levels, rows > 1, form.shift, form.start is not None),
                 [form.multiplier.numpy().astype("int64"), form.offset.numpy().astype("int64"),
                  direction, *floor])
-    return (Epilogue("thresholds", levels, rows > 1),
-            [op.thresholds.numpy().astype("int64"), direction])
+    thresholds = op.thresholds.numpy()
+    info = np.iinfo(np.int32)
+    table = "int32" if info.min <= thresholds.min() and thresholds.max() <= info.max else "int64"
+    return (Epilogue("thresholds", levels, rows > 1, table=table),
+            [thresholds.astype(table), direction])
 
 
 def _inputs(op) -> list[str]:

@@ -93,7 +93,8 @@ def _plan_amx(builder, op, value: str, epilogue: Epilogue, extra: list) -> None:
                        packed.levels.numpy().astype(np.int8), conv.source.padded_channels,
                        conv.padded_out_channels)
     weight = stored.array()
-    builder.stored[id(weight)] = stored
+    if sum(a.nbytes for a in stored.stored().values()) < weight.nbytes:
+        builder.stored[id(weight)] = stored  # else the array itself is stored: 7 bits, C 33-64
     build = lambda: amx.conv2d_kernel(conv, epilogue, output, symbol)  # noqa: E731
     args = [builder.amx_input(op.input), weight, *extra]
     builder.kernel_kinds[op.layer] = "amx"

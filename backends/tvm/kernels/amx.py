@@ -176,7 +176,7 @@ def _staged(epilogue: Epilogue, extra, block, k_out: int) -> list:
         return extra
     thresholds, direction = extra
     levels = epilogue.levels
-    staged = T.alloc_buffer((levels, BLOCK), "int64", scope="local")
+    staged = T.alloc_buffer((levels, BLOCK), epilogue.table, scope="local")
     with T.grid(levels, BLOCK) as (t, c):
         k = tirx.min(block * BLOCK + c, k_out - 1)
         T.buffer_store(staged, thresholds[k, t], [t, c])

@@ -5,8 +5,10 @@ three compute the same integers as :mod:`qcompile.requantization` (the reference
 
 - ``none``: store the accumulator;
 - ``thresholds``: ``code = #{t : direction * acc >= thresholds[row, t]}`` (extra inputs
-  ``thresholds`` int64 (rows, n) and ``direction`` int64 (rows,)), counted one by one for a few
-  thresholds and group by group for many;
+  ``thresholds`` (rows, n), int64 or, with ``table="int32"``, int32, and ``direction`` int64
+  (rows,)), counted one by one for a few thresholds and group by group for many. Integer
+  thresholds lie within one of the accumulator's range (:func:`qcompile.requantization.
+  staircase`), so an int32 accumulator's table fits int32: half the bytes to store and read;
 - ``fixed_point``: ``code = clamp((direction * acc * multiplier + offset) >> shift, 0, n)`` in
   int64 (extra inputs ``multiplier``, ``offset``, ``direction``, int64 (rows,)); with ``start``,
   ``clamp(..., floor, n)`` where ``direction * acc >= start`` and 0 below (two more int64
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from tvm import te, tirx
 
 KINDS = ("none", "thresholds", "fixed_point")
+TABLES = ("int64", "int32")
 LINEAR_LEVELS = 16
 """Up to this many thresholds are compared one by one; more are searched in two levels."""
 GROUP = 16
@@ -32,16 +35,19 @@ class Epilogue:
     per_channel: bool = True
     shift: int = 0
     start: bool = False
+    table: str = "int64"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"epilogue kind must be one of {KINDS}, got {self.kind!r}")
+        if self.table not in TABLES:
+            raise ValueError(f"epilogue table must be one of {TABLES}, got {self.table!r}")
 
     def placeholders(self, channels: int) -> list[te.Tensor]:
         """The extra kernel inputs this epilogue reads, in order."""
         rows = channels if self.per_channel else 1
         if self.kind == "thresholds":
-            return [te.placeholder((rows, self.levels), "int64", name="thresholds"),
+            return [te.placeholder((rows, self.levels), self.table, name="thresholds"),
                     te.placeholder((rows,), "int64", name="direction")]
         if self.kind == "fixed_point":
             names = ["multiplier", "offset", "direction"] + (["start", "floor"] if self.start
@@ -56,7 +62,8 @@ class Epilogue:
             return "acc"
         rows = "c" if self.per_channel else "t"
         shift = self.shift if self.kind == "fixed_point" else ""
-        return f"{self.kind[0]}{self.levels}{rows}{shift}{'s' if self.start else ''}"
+        narrow = "i32" if self.kind == "thresholds" and self.table == "int32" else ""
+        return f"{self.kind[0]}{self.levels}{rows}{shift}{'s' if self.start else ''}{narrow}"
 
 
 def apply_epilogue(acc: te.Tensor, epilogue: Epilogue, extra: list[te.Tensor],
@@ -77,11 +84,13 @@ def epilogue_code(value, epilogue: Epilogue, extra, channel):
     if epilogue.kind == "thresholds":
         thresholds, direction = extra
         signed = value.astype("int64") * direction[r]
+        threshold = (lambda k: thresholds[r, k]) if epilogue.table == "int64" else (
+            lambda k: thresholds[r, k].astype("int64"))
         if epilogue.levels > LINEAR_LEVELS:
-            return count_reached(signed, lambda k: thresholds[r, k], epilogue.levels)
+            return count_reached(signed, threshold, epilogue.levels)
         total = tirx.const(0, "int32")
         for k in range(epilogue.levels):
-            total = total + (signed >= thresholds[r, k]).astype("int32")
+            total = total + (signed >= threshold(k)).astype("int32")
         return total
     multiplier, offset, direction = extra[:3]
     signed = value.astype("int64") * direction[r]

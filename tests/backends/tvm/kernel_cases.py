@@ -15,8 +15,8 @@ KINDS = ("none", "thresholds", "fixed_point")
 @st.composite
 def epilogues(draw, channels: int, bound: int, kinds=KINDS,
               levels=st.sampled_from((1, 3, 15, 255))):
-    """An epilogue (of one of ``kinds``, with a count of ``levels``), its int64 inputs, and the
-    reference requantization of the accumulator."""
+    """An epilogue (of one of ``kinds``, with a count of ``levels``), its inputs (int64, and the
+    thresholds int64 or int32), and the reference requantization of the accumulator."""
     kind = draw(st.sampled_from(kinds))
     if kind == "none":
         return Epilogue("none"), [], lambda acc: acc
@@ -25,10 +25,12 @@ def epilogues(draw, channels: int, bound: int, kinds=KINDS,
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     direction = rng.choice([-1, 1], rows).astype(np.int64)
     if kind == "thresholds":
+        table = draw(st.sampled_from(("int64", "int32")))
         thresholds = np.sort(rng.integers(-bound, bound + 1, (rows, levels)), axis=1)
-        extra = [thresholds.astype(np.int64), direction]
-        return (Epilogue("thresholds", levels, rows > 1), extra,
-                lambda acc: apply_staircase(acc, *map(torch.from_numpy, extra)))
+        extra = [thresholds.astype(table), direction]
+        return (Epilogue("thresholds", levels, rows > 1, table=table), extra,
+                lambda acc: apply_staircase(acc, torch.from_numpy(thresholds),
+                                            torch.from_numpy(direction)))
     shift = draw(st.integers(0, 24))
     multiplier = rng.integers(1, 2**16, rows).astype(np.int64)
     offset = rng.integers(-(2**24), 2**24, rows).astype(np.int64)

@@ -112,6 +112,29 @@ def test_dense_matches_torch(case):
     np.testing.assert_array_equal(got, case["expected"])
 
 
+@pytest.mark.parametrize("levels", [15, 255])
+def test_int32_threshold_tables_count_as_int64_ones_do(levels):
+    """Thresholds at and around every accumulator of a wide dense layer (sums near +-2^31),
+    stored int32 and int64: the same codes as the reference."""
+    rng = np.random.default_rng(levels)
+    rows, columns = rng.choice([-1, 1], (4, 1)), rng.choice([-1, 1], (6, 1))
+    data = (rows * rng.integers(30000, 40001, (4, 512))).astype(np.int32)
+    weight = (columns * rng.integers(80, 101, (6, 512))).astype(np.int16)
+    acc = torch.from_numpy(data).long() @ torch.from_numpy(weight).long().T
+    picked = rng.choice(acc.reshape(-1).numpy(), (6, levels)) + rng.integers(-1, 2, (6, levels))
+    limit = int(acc.abs().max()) + 1
+    assert 2**30 < int(acc.abs().min()) and limit < 2**31
+    thresholds = np.sort(np.clip(picked, -limit, limit), axis=1)
+    direction = rng.choice([-1, 1], 6).astype(np.int64)
+    expected = apply_staircase(acc, torch.from_numpy(thresholds), torch.from_numpy(direction))
+    for table in ("int64", "int32"):
+        func = dense_kernel(data.shape, weight.shape, "int16",
+                            Epilogue("thresholds", levels, True, table=table), CPU,
+                            input_range=(-40000, 40000))
+        got = run(func, CPU, [data, weight, thresholds.astype(table), direction], acc.shape)
+        np.testing.assert_array_equal(got, expected.numpy())
+
+
 LAYOUTS = [  # input, weight, stride, padding, groups, range, weight kind, layout in the symbol
     ((1, 3, 64, 64), (16, 3, 7, 7), 2, 3, 1, (-128, 127), "int8", "u8s8o128co"),
     ((1, 32, 7, 7), (64, 32, 3, 3), 1, 1, 1, (0, 255), "int8", "u8s8o0ch"),

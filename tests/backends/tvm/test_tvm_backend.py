@@ -61,6 +61,19 @@ def test_small_cnn_is_bit_exact_with_the_reference(method, bits, target):
         assert low_bit_kernel(target) in kernels, compiled.manifest["layers"]
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_threshold_tables_are_int32_and_bit_exact(target):
+    """Integer thresholds lie within one of the accumulator's range, so an int32 accumulator's
+    table is stored and compared in int32 (half the bytes of int64)."""
+    qm, x = small("qn", 4)
+    quantizer = qm.get_submodule("input_quantizers.features_1_0_input")
+    with torch.no_grad():
+        quantizer.biases[0, 7] += 0.3  # off the thresholds' line: a table, no fixed point
+    compiled = assert_bit_exact(qm, x[:2], target=target)
+    kernels = {call["value"]: call["kernel"] for call in compiled.manifest["program"]}
+    assert "_t15ci32_" in kernels["input_quantizers_features_1_0_input"], kernels
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
