@@ -214,7 +214,7 @@ class _Builder:
             raise NotDeployableError(f"{op.name}: per-channel input quantization")
         if spec.thresholds is None:
             scale, zero = float(spec.scale.reshape(-1)[0]), float(spec.zero_point.reshape(-1)[0])
-            offset = glue_plan.integers_only(op.name, self.readers, self.graph)
+            offset = glue_plan.integers_only(op.name, self.readers, self.graph, self.target)
             first = int(spec.codes[0])
             self._quantize_affine(op, op.name, scale, zero, first, trace_only=offset is not None)
             if offset is not None:

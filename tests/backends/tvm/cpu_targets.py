@@ -4,7 +4,8 @@ AMX machines too."""
 
 import pytest
 
-from qcompile.backends.tvm.kernels import amx
+from qcompile.backends.tvm import glue_plan
+from qcompile.backends.tvm.kernels import amx, vnni
 from qcompile.backends.tvm.target import resolve_target, without_amx
 from qcompile.backends.tvm.threads import CORES
 
@@ -18,6 +19,11 @@ TARGETS = [pytest.param("llvm", id="llvm")] + (
     [pytest.param(WITHOUT_AMX, id="llvm-without-amx")] if HOST_HAS_AMX else [])
 
 
-def low_bit_kernel(target) -> str:
-    """The kernel kind low-bit conv layers take on ``target``."""
-    return "amx" if amx.available(resolve_target(target)) else "bit-serial"
+def low_bit_kernel(target, bits: int = 2) -> str:
+    """The kernel kind conv layers of ``bits``-bit codes and weights take on ``target``."""
+    resolved = resolve_target(target)
+    if amx.available(resolved):
+        return "amx"
+    if bits * bits > glue_plan.BITSERIAL_PLANE_PAIRS and vnni.available(resolved):
+        return "direct int8"
+    return "bit-serial"

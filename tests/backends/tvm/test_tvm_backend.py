@@ -58,7 +58,26 @@ def test_small_cnn_is_bit_exact_with_the_reference(method, bits, target):
     compiled = assert_bit_exact(qm, x[:2], target=target)
     kernels = {layer["kernel"] for layer in compiled.manifest["layers"]}
     if bits <= 4 and (method != "dq" or low_bit_kernel(target) == "amx"):
-        assert low_bit_kernel(target) in kernels, compiled.manifest["layers"]
+        assert low_bit_kernel(target, bits) in kernels, compiled.manifest["layers"]
+
+
+NO_VNNI = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}
+"""AVX-512 without VNNI (and without AMX): runs on any AVX-512 CPU."""
+
+
+@pytest.mark.parametrize(("bits", "vnni_kernel"), [(2, "bit-serial"), (3, "direct int8"),
+                                                   (4, "direct int8")])
+def test_layers_of_many_plane_pairs_run_on_vnni_bytes(bits, vnni_kernel):
+    """Bit-serial work grows with code bits times weight bits, a byte dot product's does not:
+    W3A3 and W4A4 layers run on VNNI bytes where the CPU has VNNI (and no AMX), W2A2 and every
+    layer on a CPU without VNNI bit-serial; each bit-exact with the reference."""
+    qm, x = small("lsq", bits)
+    targets = [("llvm", vnni_kernel)] if low_bit_kernel("llvm") == "bit-serial" else []
+    targets += [(NO_VNNI, "bit-serial")]
+    for target, kernel in targets:
+        compiled = assert_bit_exact(qm, x[:2], target=target)
+        kinds = [layer["kernel"] for layer in compiled.manifest["layers"]]
+        assert kinds[1:3] == [kernel, kernel], (target, kinds)
 
 
 @pytest.mark.parametrize("target", TARGETS)
