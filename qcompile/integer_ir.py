@@ -25,8 +25,8 @@ and :class:`Dequantize` (an accumulator to float logits).
 """
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -274,13 +274,15 @@ class IntegerGraph:
     def layers(self) -> list[Conv | Linear]:
         return [op for op in self.ops if isinstance(op, (Conv, Linear))]
 
-    def size_rows(self) -> list["SizeRow"]:
+    def size_rows(self) -> list[SizeRow]:
         """Per layer: :class:`SizeRow` (weight bits, bytes at those bits, bytes of this program's
         bit planes, float32 bytes)."""
-        return [SizeRow(op.layer, op.weight.bits,
-                        -(-op.weight.bits * int(np.prod(op.weight.shape)) // 8),
-                        op.weight.packed_bytes, 4 * int(np.prod(op.weight.shape)))
-                for op in self.layers()]
+        rows = []
+        for op in self.layers():
+            count = int(np.prod(op.weight.shape))
+            rows.append(SizeRow(op.layer, op.weight.bits, -(-op.weight.bits * count // 8),
+                                op.weight.packed_bytes, 4 * count))
+        return rows
 
     def size_report(self) -> str:
         """Weight bytes at the assigned bits against float32 bytes, per layer and in total, with

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from qcompile import integer_ir as ir
-from qcompile.backends.tvm.kernels import amx, bitserial_packed, glue, vnni
+from qcompile.backends.tvm.kernels import amx, bitserial_packed, direct, glue
 from qcompile.requantization import apply_staircase
 
 BITSERIAL_BITS = 4
@@ -123,16 +123,15 @@ def bit_serial(op, graph: ir.IntegerGraph, target=None) -> bool:
 
 
 def on_vnni_bytes(op, graph: ir.IntegerGraph, target) -> bool:
-    """Whether layer ``op``, of more than :data:`BITSERIAL_PLANE_PAIRS` plane pairs, runs on
-    the direct kernel's VNNI byte dot products on ``target``: codes and weight levels that fit
-    bytes, and more than one input channel per group."""
+    """Whether layer ``op``, of more than :data:`BITSERIAL_PLANE_PAIRS` plane pairs, would run
+    on the direct kernel's VNNI byte dot products on ``target`` (its own rule:
+    :func:`.kernels.direct.byte_dot_products`)."""
     fmt, weight = graph.values[op.input], op.weight
-    if fmt.bits * weight.bits <= BITSERIAL_PLANE_PAIRS or not vnni.available(target):
+    if fmt.bits * weight.bits <= BITSERIAL_PLANE_PAIRS:
         return False
-    levels = weight.levels
-    channels = weight.shape[1]
-    return bool(isinstance(fmt, ir.CodeFormat) and len(fmt.levels) <= 256 and channels >= 2
-                and int(levels.min()) >= -128 and int(levels.max()) <= 127)
+    span = (int(fmt.levels.min()), int(fmt.levels.max()))
+    return direct.byte_dot_products(target, direct.weight_dtype(weight.levels.numpy()), span,
+                                    int(weight.shape[1]))
 
 
 def amx_layout(value: str, readers: dict, graph: ir.IntegerGraph, shapes: dict, target

@@ -137,6 +137,12 @@ def _conv_setup(shape_in, weight_shape, weight_dtype, stride, padding, dilation,
     return shape, schedules.conv_plan(shape, kind, offset, target)
 
 
+def byte_dot_products(target, weight_dtype: str, input_range, reduction: int) -> bool:
+    """Whether a direct layer of ``weight_dtype`` weights, activations in ``input_range`` and
+    ``reduction`` products per group and output runs on VNNI byte dot products (``vpdpbusd``)."""
+    return _dot_kind(target, weight_dtype, input_range, reduction)[0] is vnni.U8S8
+
+
 def _dot_kind(target, dtype: str, input_range, reduction: int
               ) -> tuple[vnni.DotKind | None, int]:
     """The VNNI kind and activation offset for these operands, or ``(None, 0)``."""

@@ -84,8 +84,7 @@ def epilogue_code(value, epilogue: Epilogue, extra, channel):
     if epilogue.kind == "thresholds":
         thresholds, direction = extra
         signed = value.astype("int64") * direction[r]
-        threshold = (lambda k: thresholds[r, k]) if epilogue.table == "int64" else (
-            lambda k: thresholds[r, k].astype("int64"))
+        threshold = lambda k: thresholds[r, k].astype("int64")  # noqa: E731 (int32 tables)
         if epilogue.levels > LINEAR_LEVELS:
             return count_reached(signed, threshold, epilogue.levels)
         total = tirx.const(0, "int32")
